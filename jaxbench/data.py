@@ -1,0 +1,194 @@
+"""Data: tfds -> uint8 arrays in host memory once; shuffling as index arrays; preprocessing on device.
+
+Both frameworks share everything here except `preprocess`, which is pure jax.numpy (the PyTorch
+twin has its own copy of the same arithmetic). Keeping the dataset as uint8 keeps memory at one
+byte per pixel (Tiny ImageNet train: 1.2 GB) and makes the host->device copy 4x smaller than
+float32; resizing and normalization happen per batch inside the jitted step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only reads files here: keep it quiet
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# The tfds file names that a manual_dir must hold for each dataset, for error messages.
+MANUAL_FILES = {
+    "fashion_mnist": (
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    ),
+    "tiny_imagenet": ("tiny-imagenet-200.zip (or an extracted tiny-imagenet-200/ folder, or the two "
+                      "tiny-imagenet-200_*.tar.gz archives)",),
+}
+
+
+class DataError(RuntimeError):
+    """Data that cannot be had or trusted; the CLI prints the message and exits 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """One split in host memory: images uint8 (N, H, W, C), labels int32 (N,)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _tfds():
+    """Import tfds lazily (it pulls in TensorFlow) and register our own builders with it."""
+    import tensorflow_datasets as tfds
+
+    import jaxbench.datasets.tiny_imagenet  # noqa: F401  (registers `tiny_imagenet`)
+
+    return tfds
+
+
+def builder(dataset: str, data_dir: str | None = None):
+    return _tfds().builder(dataset, data_dir=data_dir)
+
+
+def prepare(dataset: str, data_dir: str | None = None, manual_dir: str | None = None):
+    """Prepare `dataset` with tfds, offline from `manual_dir` when given; return the builder.
+
+    tfds looks for every expected file in manual_dir before downloading and verifies its
+    checksum, so an offline preparation is exactly as trustworthy as a download.
+    """
+    tfds = _tfds()
+    b = tfds.builder(dataset, data_dir=data_dir)
+    if b.is_prepared():
+        return b
+    expected = ", ".join(MANUAL_FILES[dataset])
+    if manual_dir is None:
+        raise DataError(
+            f"{dataset} is not prepared in the tfds data dir ({b.data_dir}) and no --manual-dir was "
+            f"given. Download the official files ({expected}) into a folder and pass it as "
+            f"--manual-dir DIR (this repository's ../shared/data holds them), or point --data-dir "
+            f"at a folder where the dataset is already prepared."
+        )
+    folder = Path(manual_dir)
+    if not folder.is_dir():
+        raise DataError(f"--manual-dir {manual_dir}: no such folder. It must hold {expected}.")
+    if dataset == "fashion_mnist":
+        missing = [f for f in MANUAL_FILES[dataset] if not (folder / f).is_file()]
+        if missing:
+            raise DataError(
+                f"--manual-dir {manual_dir} lacks {', '.join(missing)}: {dataset} needs the four "
+                f"official files ({expected}) there to prepare offline."
+            )
+    config = tfds.download.DownloadConfig(manual_dir=str(folder))
+    try:
+        b.download_and_prepare(download_config=config)
+    except tfds.download.NonMatchingChecksumError as err:
+        first = str(err).splitlines()[0]
+        raise DataError(
+            f"{first} The file in --manual-dir {manual_dir} is not the official one (truncated or "
+            f"altered): replace it with the original download."
+        ) from None
+    except (OSError, ValueError, EOFError) as err:
+        raise DataError(f"preparing {dataset} from --manual-dir {manual_dir} failed: {err}") from None
+    return b
+
+
+def load_split(b, split: str, limit: int | None = None, chunk: int = 4096) -> Split:
+    """Read a prepared split (its first `limit` examples) into uint8 numpy arrays.
+
+    Chunks are copied into preallocated arrays, so peak memory is the dataset plus one chunk.
+    """
+    tfds = _tfds()
+    spec = split if limit is None else f"{split}[:{limit}]"
+    try:
+        ds = b.as_dataset(split=spec, shuffle_files=False)
+    except ValueError as err:  # e.g. a slice beyond the split, an unknown split name
+        raise DataError(f"cannot read split {spec!r} of {b.name}: {err}") from None
+    n = int(ds.cardinality())
+    if n < 0:  # unknown cardinality: collect, then stack
+        rows = list(tfds.as_numpy(ds.batch(chunk)))
+        return Split(np.concatenate([r["image"] for r in rows]),
+                     np.concatenate([r["label"] for r in rows]).astype(np.int32))
+    shape = tuple(b.info.features["image"].shape)
+    images = np.empty((n, *shape), np.uint8)
+    labels = np.empty((n,), np.int32)
+    start = 0
+    for rows in tfds.as_numpy(ds.batch(chunk)):
+        stop = start + len(rows["label"])
+        images[start:stop] = rows["image"]
+        labels[start:stop] = rows["label"]
+        start = stop
+    if start != n:
+        raise DataError(f"split {spec!r} of {b.name} held {start} examples, its metadata says {n}.")
+    return Split(images, labels)
+
+
+def load(cfg, data_dir: str | None = None, manual_dir: str | None = None) -> tuple[Split, Split]:
+    """(train, eval) splits of an experiment, honouring its train/eval limits."""
+    b = prepare(cfg.dataset, data_dir, manual_dir)
+    return (load_split(b, cfg.train_split, cfg.train_limit),
+            load_split(b, cfg.eval_split, cfg.eval_limit))
+
+
+def channel_stats(images: np.ndarray, chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std of the train images in [0, 1], in float64 for exactness."""
+    c = images.shape[-1]
+    total = np.zeros(c)
+    total_sq = np.zeros(c)
+    for start in range(0, len(images), chunk):
+        x = images[start:start + chunk].reshape(-1, c).astype(np.float64)
+        total += x.sum(0)
+        total_sq += np.square(x).sum(0)
+    count = images.size // c
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+    return (mean / 255.0).astype(np.float32), np.maximum(std / 255.0, 1e-6).astype(np.float32)
+
+
+def preprocess(images: jax.Array, mean: jax.Array, std: jax.Array, size: int = 64) -> jax.Array:
+    """uint8 (B, H, W, C) -> float32 (B, size, size, 3): bilinear resize, normalize, 1->3 channels.
+
+    Runs inside the jitted step. Normalizing before replicating the channel does a third of
+    the arithmetic for Fashion-MNIST; the result is the same.
+    """
+    x = images.astype(jnp.float32) * (1.0 / 255.0)
+    b, h, w, c = x.shape
+    if (h, w) != (size, size):
+        x = jax.image.resize(x, (b, size, size, c), method="bilinear")
+    x = (x - mean) / std
+    return jnp.broadcast_to(x, (b, size, size, 3)) if c == 1 else x
+
+
+def epoch_order(seed: int, epoch: int, n: int, batch_size: int) -> np.ndarray:
+    """Shuffled example indices for one epoch as (steps, batch_size) int32.
+
+    Seeded by (seed, epoch) alone, so an epoch's order does not depend on the ones before it
+    (a resumed run and both frameworks see the same batches). The last partial batch is dropped,
+    as the paper's PyTorch-style loaders with drop_last do; every epoch sees a different remainder.
+    """
+    perm = np.random.default_rng([seed, epoch]).permutation(n).astype(np.int32)
+    steps = n // batch_size
+    if steps == 0:
+        raise DataError(f"{n} training examples are fewer than one batch of {batch_size}; "
+                        "lower --batch-size or raise --train-limit.")
+    return perm[: steps * batch_size].reshape(steps, batch_size)
+
+
+def eval_order(n: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every eval example exactly once, in order: indices and a validity mask, (steps, batch).
+
+    The last batch is padded with index 0 and masked out, so no example is dropped and the
+    step keeps one static shape (one compilation).
+    """
+    steps = -(-n // batch_size)
+    idx = np.arange(steps * batch_size, dtype=np.int32)
+    mask = idx < n
+    return np.where(mask, idx, 0).reshape(steps, batch_size), mask.reshape(steps, batch_size)

@@ -1,0 +1,1 @@
+"""tfds dataset builders that the tfds catalog lacks."""

@@ -1,0 +1,87 @@
+"""The paper's two networks in flax.linen, sized to its parameter counts.
+
+Layout is NHWC (XLA's native layout on CPU and GPU). Inputs arrive already resized to 64x64x3
+and normalized (see `data.preprocess`).
+
+Widths, chosen to land on the paper's totals (exact counts in the README, from `nn.tabulate`):
+  BaselineCNN: conv 16 -> pool -> conv 32 -> pool -> Dense 128 -> Dense classes
+               1,055,082 params (10 classes), 1,079,592 (200 classes); paper: ~1.1M.
+  TargetCNN:   [64] [128 128] [256 256] [512], max-pool between blocks, BN after every conv,
+               GAP -> Dense 256 -> Dense classes
+               2,423,882 params (10 classes), 2,472,712 (200 classes); paper: ~2.5M.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+# PyTorch's BatchNorm defaults, stated explicitly so the PyTorch twin matches: flax's `momentum`
+# is the weight of the old running value, so 0.9 here equals torch's momentum=0.1.
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+TARGET_BLOCKS: tuple[tuple[int, ...], ...] = ((64,), (128, 128), (256, 256), (512,))
+
+
+def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
+    """2x2/stride-2 max pool as reshape + max.
+
+    Equal to `nn.max_pool(x, (2, 2), (2, 2))` in value. Its gradient lowers to plain
+    compare/select ops instead of `select_and_scatter`, which is a slow path on XLA:CPU.
+    Gradients differ from the windowed op only on exact ties inside a window (split evenly rather
+    than given to one element); after a ReLU such ties are zeros, whose gradient ReLU discards.
+    """
+    n, h, w, c = x.shape
+    return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+class BaselineCNN(nn.Module):
+    """Two Conv3x3 -> ReLU -> MaxPool2 blocks, flatten, Dense(128) -> ReLU, Dense(classes)."""
+
+    num_classes: int
+    widths: Sequence[int] = (16, 32)
+    hidden: int = 128
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = True) -> jnp.ndarray:
+        del train  # no normalization, no dropout: the flag exists for a uniform model interface
+        for width in self.widths:
+            x = nn.Conv(width, (3, 3), padding="SAME")(x)
+            x = max_pool_2x2(nn.relu(x))
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(self.hidden)(x))
+        return nn.Dense(self.num_classes)(x)
+
+
+class TargetCNN(nn.Module):
+    """Four conv blocks of growing width, Conv -> BatchNorm -> ReLU throughout, GAP, Dense(256)."""
+
+    num_classes: int
+    blocks: Sequence[Sequence[int]] = TARGET_BLOCKS
+    hidden: int = 256
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = True) -> jnp.ndarray:
+        for i, block in enumerate(self.blocks):
+            for width in block:
+                # No conv bias: the BatchNorm that follows has its own shift.
+                x = nn.Conv(width, (3, 3), padding="SAME", use_bias=False)(x)
+                x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
+                                 epsilon=BN_EPSILON)(x)
+                x = nn.relu(x)
+            if i < len(self.blocks) - 1:
+                x = max_pool_2x2(x)
+        x = x.mean(axis=(1, 2))
+        x = nn.relu(nn.Dense(self.hidden)(x))
+        return nn.Dense(self.num_classes)(x)
+
+
+def build(name: str, num_classes: int) -> nn.Module:
+    """Model by the experiment's `model` key."""
+    if name == "baseline":
+        return BaselineCNN(num_classes)
+    if name == "target":
+        return TargetCNN(num_classes)
+    raise ValueError(f"unknown model {name!r}")
