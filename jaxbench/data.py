@@ -87,17 +87,26 @@ def prepare(dataset: str, data_dir: str | None = None, manual_dir: str | None = 
                 f"--manual-dir {manual_dir} lacks {', '.join(missing)}: {dataset} needs the four "
                 f"official files ({expected}) there to prepare offline."
             )
+    else:
+        from jaxbench.datasets.tiny_imagenet import tiny_imagenet_dataset_builder as tin
+
+        try:
+            tin.locate(folder)
+        except tin.SourceError as err:
+            raise DataError(f"--manual-dir: {err}") from None
+    from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
+
     config = tfds.download.DownloadConfig(manual_dir=str(folder))
     try:
         b.download_and_prepare(download_config=config)
-    except tfds.download.NonMatchingChecksumError as err:
+    except NonMatchingChecksumError as err:
         first = str(err).splitlines()[0]
         raise DataError(
             f"{first} The file in --manual-dir {manual_dir} is not the official one (truncated or "
             f"altered): replace it with the original download."
         ) from None
-    except (OSError, ValueError, EOFError) as err:
-        raise DataError(f"preparing {dataset} from --manual-dir {manual_dir} failed: {err}") from None
+    except (OSError, ValueError, EOFError) as err:  # the builders' SourceError is a ValueError
+        raise DataError(f"{err} (preparing {dataset} from --manual-dir {manual_dir})") from None
     return b
 
 

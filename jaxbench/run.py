@@ -58,6 +58,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--exp", help="experiment name (see --list) or path to a .toml file")
     p.add_argument("--list", action="store_true", help="list the experiments and exit")
     p.add_argument("--epochs", type=positive_int, help="override the experiment's epoch count")
+    p.add_argument("--framework", choices=("jax", "torch"), default="jax",
+                   help="train the Flax models (default) or their PyTorch twin on the same job")
+    p.add_argument("--torch-compile", choices=("none", "default", "reduce-overhead"), default="none",
+                   help="with --framework torch: run the model eagerly or under torch.compile")
     add_data_args(p)
     p.add_argument("--out", default="results/runs", help="output folder (default: results/runs)")
     p.add_argument("--steps-per-call", type=positive_int,
@@ -98,7 +102,7 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment() -> dict[str, Any]:
+def environment(framework: str = "jax") -> dict[str, Any]:
     """Where and with what a run happened, for summary.json."""
     import flax
     import jax
@@ -114,6 +118,17 @@ def environment() -> dict[str, Any]:
         versions["tfds"] = tfds.__version__
     except ImportError:
         versions["tfds"] = None
+    if framework == "torch":
+        import torch
+
+        versions["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            return {"device": {"platform": "gpu", "name": torch.cuda.get_device_name(),
+                               "count": torch.cuda.device_count(), "cpu": cpu_name(),
+                               "cores": os.cpu_count()}, "versions": versions}
+        return {"device": {"platform": "cpu", "name": "cpu", "count": 1, "cpu": cpu_name(),
+                           "cores": os.cpu_count(), "threads": torch.get_num_threads()},
+                "versions": versions}
     return {"device": {"platform": dev.platform, "name": dev.device_kind,
                        "count": jax.device_count(), "cpu": cpu_name(), "cores": os.cpu_count()},
             "versions": versions}
@@ -133,7 +148,7 @@ def fit(cfg: config_lib.Config, trainer, out_dir: Path, framework: str = "jax") 
           f"{trainer.steps_per_epoch} steps/epoch, compiled in {compile_s:.1f}s", flush=True)
     summary = {"experiment": cfg.name, "framework": framework,
                "params": trainer.param_count(state), "compile_time_s": compile_s,
-               **environment(), "normalization": {"mean": trainer.mean.tolist(),
+               **environment(framework), "normalization": {"mean": trainer.mean.tolist(),
                                                   "std": trainer.std.tolist()},
                "config": cfg.to_dict(), "train_examples": len(trainer.train),
                "eval_examples": len(trainer.test), "epochs_completed": 0}
@@ -170,6 +185,29 @@ def fit(cfg: config_lib.Config, trainer, out_dir: Path, framework: str = "jax") 
     return summary
 
 
+def run_name(exp: str, framework: str, torch_compile: str = "none") -> str:
+    """`<exp>` for JAX; `<exp>_torch` (or `_torch-compile`, ...) for the twin, so none overwrites."""
+    if framework == "jax":
+        return exp
+    return f"{exp}_torch" + ("" if torch_compile == "none" else f"-{torch_compile}")
+
+
+def make_trainer(framework: str, cfg: config_lib.Config, train, test, steps_per_call=None,
+                 torch_compile: str = "none"):
+    """The JAX Trainer or its PyTorch twin; both serve `fit` and the benchmark alike."""
+    if framework == "jax":
+        from jaxbench.train import Trainer
+
+        return Trainer(cfg, train, test, steps_per_call=steps_per_call)
+    try:
+        from jaxbench import torch_twin
+    except ImportError:
+        raise ConfigError("--framework torch needs PyTorch: pip install -e '.[torch]' "
+                          "(on a CPU-only machine: pip install torch==2.13.0 first).") from None
+    mode = None if torch_compile == "none" else torch_compile
+    return torch_twin.Trainer(cfg, train, test, compile_mode=mode)
+
+
 def fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return EXIT_USAGE
@@ -187,10 +225,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = resolve(args)
         train, test = data.load(cfg, args.data_dir, args.manual_dir)
-        from jaxbench.train import Trainer
-
-        trainer = Trainer(cfg, train, test, steps_per_call=args.steps_per_call)
-        fit(cfg, trainer, Path(args.out) / cfg.name)
+        trainer = make_trainer(args.framework, cfg, train, test, steps_per_call=args.steps_per_call,
+                               torch_compile=args.torch_compile)
+        fit(cfg, trainer, Path(args.out) / run_name(cfg.name, args.framework, args.torch_compile),
+            framework=args.framework)
     except (ConfigError, data.DataError) as err:
         return fail(str(err))
     return 0

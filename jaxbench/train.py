@@ -48,12 +48,17 @@ def make_optimizer(cfg: Config, schedule: optax.Schedule) -> optax.GradientTrans
     return optax.sgd(schedule, momentum=cfg.momentum)
 
 
-def create_state(cfg: Config, steps_per_epoch: int) -> TrainState:
-    """Initialize parameters from `cfg.seed`: the same seed gives the same network."""
-    model = models.build(cfg.model, cfg.num_classes)
+def create_state(cfg: Config, steps_per_epoch: int, model: Any = None,
+                 tx: optax.GradientTransformation | None = None) -> TrainState:
+    """Initialize parameters from `cfg.seed`: the same seed gives the same network.
+
+    Pass the same `model` and `tx` objects to get states that fit one compiled step (they are
+    static parts of the state's pytree).
+    """
+    model = model or models.build(cfg.model, cfg.num_classes)
+    tx = tx or make_optimizer(cfg, make_schedule(cfg, steps_per_epoch))
     dummy = jnp.zeros((1, cfg.image_size, cfg.image_size, 3), jnp.float32)
     variables = model.init(jax.random.key(cfg.seed), dummy, train=False)
-    tx = make_optimizer(cfg, make_schedule(cfg, steps_per_epoch))
     return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                              batch_stats=variables.get("batch_stats", {}))
 
@@ -184,6 +189,8 @@ class Trainer:
         self.mean, self.std = data.channel_stats(self.train.images)
         self.steps_per_epoch = len(self.train) // self.cfg.batch_size
         self.schedule = make_schedule(self.cfg, self.steps_per_epoch)
+        self.model = models.build(self.cfg.model, self.cfg.num_classes)
+        self.tx = make_optimizer(self.cfg, self.schedule)
         self.k = max(1, min(self.steps_per_call, self.steps_per_epoch))
         self.steps = make_steps(self.mean, self.std, self.cfg.image_size)
         put = jax.device_put
@@ -196,7 +203,7 @@ class Trainer:
         return param_count(state.params)
 
     def init_state(self) -> TrainState:
-        return create_state(self.cfg, self.steps_per_epoch)
+        return create_state(self.cfg, self.steps_per_epoch, self.model, self.tx)
 
     def compile(self, state: TrainState) -> float:
         """Compile both steps ahead of time; return the seconds it took (reported apart)."""

@@ -90,20 +90,30 @@ def _folder_files(root: Path) -> dict[str, Reader]:
             for p in root.rglob("*") if p.is_file()}
 
 
-def find_source(manual_dir: Path) -> tuple[str, dict[str, Reader]]:
-    """Locate the dataset in manual_dir; return a description and {relative path: reader}."""
+def locate(manual_dir: Path) -> tuple[str, Path | list[Path]]:
+    """Which form of the dataset manual_dir holds: ("folder" | "zip" | "tar", path(s)). Reads nothing."""
     if (manual_dir / "wnids.txt").is_file():
-        return str(manual_dir), _folder_files(manual_dir)
+        return "folder", manual_dir
     if (manual_dir / ROOT).is_dir():
-        return str(manual_dir / ROOT), _folder_files(manual_dir / ROOT)
-    zip_path = manual_dir / f"{ROOT}.zip"
-    if zip_path.is_file():
-        return str(zip_path), _zip_files(zip_path)
+        return "folder", manual_dir / ROOT
+    if (manual_dir / f"{ROOT}.zip").is_file():
+        return "zip", manual_dir / f"{ROOT}.zip"
     tars = [manual_dir / name for name in TAR_NAMES]
     if all(p.is_file() for p in tars):
-        return ", ".join(map(str, tars)), _tar_files(tars)
+        return "tar", tars
     raise SourceError(f"manual_dir {manual_dir} holds no Tiny ImageNet: expected {ROOT}.zip, an "
                       f"extracted {ROOT}/ folder (with wnids.txt), or {' + '.join(TAR_NAMES)}.")
+
+
+def find_source(manual_dir: Path) -> tuple[str, dict[str, Reader]]:
+    """Locate the dataset in manual_dir; return a description and {relative path: reader}."""
+    kind, where = locate(manual_dir)
+    if kind == "folder":
+        return str(where), _folder_files(where)
+    if kind == "zip":
+        verify_zip(where)
+        return str(where), _zip_files(where)
+    return ", ".join(map(str, where)), _tar_files(where)
 
 
 def _lines(files: dict[str, Reader], rel: str, where: str) -> list[str]:
@@ -200,8 +210,6 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             where, files = str(zip_path), _zip_files(zip_path)
         else:
             where, files = find_source(manual_dir)
-            if where.endswith(".zip"):
-                verify_zip(Path(where))
         wnids = (HERE / "labels.txt").read_text().split()
         splits = index(files, where, wnids)
         return {name: self._generate_examples(files, items) for name, items in splits.items()}

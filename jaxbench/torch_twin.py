@@ -1,0 +1,210 @@
+"""The PyTorch twin: the same two networks and the same training step, for honest comparisons.
+
+Imported only for `--framework torch` and by the benchmark, so JAX-only installs never need torch.
+Shared with the JAX path: configs, data loading, the per-epoch index order (`data.epoch_order`),
+normalization constants, the epoch loop and output files (`run.fit`). Different: the model and the
+step. Initialization follows flax's defaults (LeCun-normal weights, zero biases) so both frameworks
+start from the same distribution; layouts are PyTorch's NCHW.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from jaxbench import data
+from jaxbench.config import Config
+from jaxbench.models import TARGET_BLOCKS
+
+# flax momentum 0.9 (weight of the old value) is torch momentum 0.1 (weight of the new one).
+BN_MOMENTUM = 0.1
+BN_EPSILON = 1e-5
+
+
+def lecun_normal_(module: nn.Module) -> None:
+    """flax's default init: truncated normal with variance 1/fan_in, zero bias."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            fan_in = m.weight[0].numel()
+            # flax truncates at 2 std and rescales so the variance stays 1/fan_in.
+            std = math.sqrt(1.0 / fan_in) / 0.87962566103423978
+            nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+class BaselineCNN(nn.Module):
+    def __init__(self, num_classes: int, widths=(16, 32), hidden: int = 128, size: int = 64):
+        super().__init__()
+        layers, c = [], 3
+        for w in widths:
+            layers += [nn.Conv2d(c, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+            c = w
+        self.features = nn.Sequential(*layers)
+        side = size // 2 ** len(widths)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(c * side * side, hidden), nn.ReLU(),
+                                  nn.Linear(hidden, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class TargetCNN(nn.Module):
+    def __init__(self, num_classes: int, blocks=TARGET_BLOCKS, hidden: int = 256):
+        super().__init__()
+        layers, c = [], 3
+        for i, block in enumerate(blocks):
+            for w in block:
+                layers += [nn.Conv2d(c, w, 3, padding=1, bias=False),
+                           nn.BatchNorm2d(w, momentum=BN_MOMENTUM, eps=BN_EPSILON), nn.ReLU()]
+                c = w
+            if i < len(blocks) - 1:
+                layers.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.Linear(c, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+def build(name: str, num_classes: int) -> nn.Module:
+    model = {"baseline": BaselineCNN, "target": TargetCNN}[name](num_classes)
+    lecun_normal_(model)
+    return model
+
+
+def layer_counts(model: nn.Module) -> list[tuple[str, int]]:
+    """(kind, parameter count) per parameterized layer, in call order (for parity with flax)."""
+    kinds = {nn.Conv2d: "Conv", nn.BatchNorm2d: "BatchNorm", nn.Linear: "Dense"}
+    return [(kinds[type(m)], sum(p.numel() for p in m.parameters()))
+            for m in model.modules() if type(m) in kinds]
+
+
+def preprocess(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, size: int = 64
+               ) -> torch.Tensor:
+    """The twin of `data.preprocess`: uint8 NHWC -> float32 NCHW, resized, normalized, 3 channels."""
+    x = images.permute(0, 3, 1, 2).float() * (1.0 / 255.0)
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    x = (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+def make_schedule(cfg: Config, steps_per_epoch: int) -> Callable[[int], float]:
+    """Learning rate at a step; the same formula as optax.cosine_decay_schedule (alpha 0)."""
+    total = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "cosine":
+        return lambda step: cfg.learning_rate * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+    return lambda step: cfg.learning_rate
+
+
+@dataclasses.dataclass
+class State:
+    model: nn.Module
+    step_model: Callable  # eager module or its torch.compile'd version
+    optimizer: torch.optim.Optimizer
+    step: int = 0
+
+
+@dataclasses.dataclass
+class Trainer:
+    """The torch counterpart of `train.Trainer`: same interface, used by `run.fit` and the bench."""
+
+    cfg: Config
+    train: data.Split
+    test: data.Split
+    compile_mode: str | None = None  # None: eager; "default" or "reduce-overhead": torch.compile
+    device: str | None = None
+
+    def __post_init__(self):
+        self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.mean, self.std = data.channel_stats(self.train.images)
+        self.steps_per_epoch = len(self.train) // self.cfg.batch_size
+        self.schedule = make_schedule(self.cfg, self.steps_per_epoch)
+        put = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+        self.dev = {"train": (put(self.train.images), put(self.train.labels).long()),
+                    "test": (put(self.test.images), put(self.test.labels).long())}
+        self._mean, self._std = put(self.mean), put(self.std)
+        self.eval_idx, self.eval_mask = data.eval_order(len(self.test), self.cfg.batch_size)
+
+    def init_state(self) -> State:
+        torch.manual_seed(self.cfg.seed)
+        model = build(self.cfg.model, self.cfg.num_classes).to(self.device)
+        if self.cfg.optimizer == "adam":
+            opt = torch.optim.Adam(model.parameters(), lr=self.cfg.learning_rate)
+        else:
+            opt = torch.optim.SGD(model.parameters(), lr=self.cfg.learning_rate,
+                                  momentum=self.cfg.momentum)
+        step_model = model
+        if self.compile_mode:
+            step_model = torch.compile(model, mode=self.compile_mode)
+        return State(model, step_model, opt)
+
+    def param_count(self, state: State) -> int:
+        return sum(p.numel() for p in state.model.parameters())
+
+    def _batch(self, split: str, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = self.dev[split]
+        i = torch.from_numpy(idx).to(self.device)
+        return preprocess(images[i], self._mean, self._std, self.cfg.image_size), labels[i]
+
+    def _train_step(self, state: State, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self._batch("train", idx)
+        for group in state.optimizer.param_groups:
+            group["lr"] = self.schedule(state.step)
+        logits = state.step_model(x)
+        loss = F.cross_entropy(logits, y, reduction="sum")
+        state.optimizer.zero_grad(set_to_none=True)
+        (loss / len(y)).backward()
+        state.optimizer.step()
+        state.step += 1
+        return loss.detach(), (logits.argmax(1) == y).sum()
+
+    def compile(self, state: State) -> float:
+        """torch.compile compiles lazily on the first call; eager has nothing to compile.
+
+        Warm-up steps would change the state, so for compiled modes the first epoch carries the
+        compile time; `mean_epoch_time_s` excludes that epoch when there are more.
+        """
+        return 0.0
+
+    def train_epoch(self, state: State, epoch: int,
+                    progress: Callable[[int], None] = lambda n: None) -> tuple[State, dict]:
+        state.model.train()
+        order = data.epoch_order(self.cfg.seed, epoch, len(self.train), self.cfg.batch_size)
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        for idx in order:
+            loss, right = self._train_step(state, idx)
+            loss_sum += loss
+            correct += right
+            progress(len(idx))
+        n = order.size
+        return state, {"loss": loss_sum.item() / n, "acc": correct.item() / n, "count": n}
+
+    @torch.no_grad()
+    def evaluate(self, state: State) -> dict:
+        state.model.eval()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        for idx, mask in zip(self.eval_idx, self.eval_mask):
+            x, y = self._batch("test", idx)
+            logits = state.model(x)
+            m = torch.from_numpy(mask).to(self.device)
+            loss_sum += (F.cross_entropy(logits, y, reduction="none") * m).sum()
+            correct += ((logits.argmax(1) == y) & m).sum()
+        n = int(self.eval_mask.sum())
+        return {"loss": loss_sum.item() / n, "acc": correct.item() / n, "count": n}
+
+    def lr(self, state: State) -> float:
+        return self.schedule(max(state.step - 1, 0))
+
+
+def versions() -> dict[str, Any]:
+    return {"torch": torch.__version__}

@@ -1,0 +1,37 @@
+"""Shared fixtures. Real-data fixtures skip when ../shared/data (beside the repo) is absent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("JAXBENCH_SHARED_DATA", REPO.parent / "shared" / "data"))
+FMNIST_FILES = SHARED / "fashion-mnist"
+TINY_FILES = SHARED / "tiny-imagenet-200"
+
+
+@pytest.fixture(scope="session")
+def fmnist_tfds_dir(tmp_path_factory) -> Path:
+    """A tfds data_dir with the real Fashion-MNIST prepared offline from ../shared/data."""
+    if not (FMNIST_FILES / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"real Fashion-MNIST files not found in {FMNIST_FILES}")
+    from jaxbench import data
+
+    data_dir = tmp_path_factory.mktemp("tfds")
+    data.prepare("fashion_mnist", str(data_dir), str(FMNIST_FILES))
+    return data_dir
+
+
+def synthetic_split(n: int, shape=(28, 28, 1), classes: int = 10, seed: int = 0):
+    """A learnable toy split: each class is a distinct brightness level plus noise."""
+    from jaxbench.data import Split
+
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n).astype(np.int32)
+    base = (labels * (200 // classes) + 20).astype(np.float32)
+    images = base[:, None, None, None] + rng.normal(0, 8, (n, *shape))
+    return Split(np.clip(images, 0, 255).astype(np.uint8), labels)

@@ -1,0 +1,93 @@
+"""`python -m jaxbench.run` end to end, and every user error: one paragraph, exit 2, no traceback."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import tensorflow_datasets as tfds
+
+from jaxbench import data, run
+from conftest import REPO
+
+
+def cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "jaxbench.run", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def check_outputs(out, exp, epochs):
+    rows = [json.loads(l) for l in (out / exp / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(1, epochs + 1))
+    for r in rows:
+        assert {"train_loss", "train_acc", "test_loss", "test_acc", "epoch_time_s",
+                "images_per_s", "lr"} <= set(r)
+        assert 0 <= r["test_acc"] <= 1 and r["epoch_time_s"] > 0
+    s = json.loads((out / exp / "summary.json").read_text())
+    assert s["experiment"] == exp and s["framework"] == "jax"
+    assert s["final_test_acc"] == rows[-1]["test_acc"]
+    assert s["best_test_acc"] == max(r["test_acc"] for r in rows)
+    for key in ("params", "best_epoch", "mean_epoch_time_s", "compile_time_s", "device",
+                "versions", "config"):
+        assert key in s, key
+    assert {"python", "jax", "flax", "optax", "tfds"} <= set(s["versions"])
+    assert s["config"]["epochs"] == epochs
+    return s
+
+
+def test_cli_end_to_end_on_real_data(fmnist_tfds_dir, tmp_path):
+    res = cli("--exp", "fmnist_baseline", "--epochs", "2", "--train-limit", "256",
+              "--eval-limit", "100", "--data-dir", str(fmnist_tfds_dir), "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert "epoch 2/2" in res.stdout
+    s = check_outputs(tmp_path, "fmnist_baseline", 2)
+    assert s["params"] == 1_055_082 and s["eval_examples"] == 100
+
+
+def test_cli_end_to_end_with_mock_data(tmp_path):
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    for name in data.MANUAL_FILES["fashion_mnist"]:
+        (manual / name).touch()
+    with tfds.testing.mock_data(num_examples=80):
+        code = run.main(["--exp", "fmnist_target", "--epochs", "1", "--batch-size", "16",
+                         "--data-dir", str(tmp_path / "tfds"), "--manual-dir", str(manual),
+                         "--out", str(tmp_path / "out")])
+    assert code == 0
+    s = check_outputs(tmp_path / "out", "fmnist_target", 1)
+    assert s["params"] == 2_423_882 and s["config"]["batch_size"] == 16
+
+
+def test_list_names_every_experiment():
+    res = cli("--list")
+    assert res.returncode == 0
+    for name in ("fmnist_baseline", "fmnist_target", "tiny_baseline", "tiny_target"):
+        assert name in res.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--exp", "nope"], "unknown experiment 'nope'"),
+    ([], "--exp NAME is required"),
+    (["--exp", "fmnist_baseline", "--epochs", "0"], "--epochs: expected a positive integer, got 0"),
+    (["--exp", "fmnist_baseline", "--batch-size", "-4"], "--batch-size: expected a positive integer"),
+    (["--exp", "fmnist_baseline", "--epochs", "two"], "expected a positive integer, got 'two'"),
+    (["--exp", "fmnist_baseline", "--train-limit", "1.5"], "--train-limit"),
+    (["--exp", "fmnist_baseline", "--seed", "-1"], "--seed: expected an integer >= 0"),
+    (["--exp", "fmnist_baseline", "--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_bad_cli_values_exit_2_without_traceback(args, message):
+    res = cli(*args)
+    assert res.returncode == 2
+    assert message in res.stderr
+    assert "Traceback" not in res.stderr
+    if "unknown experiment" in message:
+        assert "fmnist_baseline" in res.stderr and "tiny_target" in res.stderr
+
+
+def test_data_not_available_offline_exits_2_naming_files_and_flag(tmp_path):
+    res = cli("--exp", "fmnist_baseline", "--data-dir", str(tmp_path))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "--manual-dir" in res.stderr and "t10k-images-idx3-ubyte.gz" in res.stderr
+    res = cli("--exp", "fmnist_baseline", "--data-dir", str(tmp_path), "--manual-dir",
+              str(tmp_path / "absent"))
+    assert res.returncode == 2 and "no such folder" in res.stderr
