@@ -227,6 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         train, test = data.load(cfg, args.data_dir, args.manual_dir)
         trainer = make_trainer(args.framework, cfg, train, test, steps_per_call=args.steps_per_call,
                                torch_compile=args.torch_compile)
+        del train, test  # the trainer holds what it needs; let the host copy go
         fit(cfg, trainer, Path(args.out) / run_name(cfg.name, args.framework, args.torch_compile),
             framework=args.framework)
     except (ConfigError, data.DataError) as err:

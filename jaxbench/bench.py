@@ -1,0 +1,175 @@
+"""JAX vs PyTorch on the same training job, same machine, one run.
+
+    python -m jaxbench.bench --exp fmnist_baseline --exp fmnist_target --steps 100 --repeats 3
+
+For every experiment the same arrays, the same batch order and the same preprocessing feed every
+variant: JAX (jit), PyTorch eager, `torch.compile` and, on CUDA, `torch.compile(mode=
+"reduce-overhead")`. Each variant is compiled and warmed up first (that time is reported apart),
+then timed for R repeats, alternating the variants inside every repeat so that drift on the machine
+(thermal, other load) hits them alike; the median is reported. With `--steps N` a repeat is N train
+steps (reported per 1,000 images); with `--epochs N` it is N full epochs (reported per epoch).
+
+Writes `<out>/<machine-tag>.json` and `<out>/<machine-tag>.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from jaxbench import config as config_lib
+from jaxbench import run
+from jaxbench.config import ConfigError
+
+
+VARIANTS = {"jax": ("jax", "none"), "torch-eager": ("torch", "none"),
+            "torch-compile": ("torch", "default"), "torch-reduce-overhead": ("torch", "reduce-overhead")}
+
+
+def variants(cuda: bool, only: Sequence[str] | None = None) -> list[tuple[str, str, str]]:
+    """(label, framework, torch_compile) for every variant this machine can run.
+
+    reduce-overhead (CUDA graphs) exists for CUDA only. JAX always runs: ratios are against it.
+    """
+    labels = [k for k in VARIANTS if cuda or k != "torch-reduce-overhead"]
+    if only:
+        labels = [k for k in labels if k in only or k == "jax"]
+    return [(k, *VARIANTS[k]) for k in labels]
+
+
+def machine(cuda: bool) -> dict:
+    import jax
+
+    info = {"cpu": run.cpu_name(), "cores": __import__("os").cpu_count(),
+            "jax_device": f"{jax.devices()[0].platform} {jax.devices()[0].device_kind}"}
+    if cuda:
+        import torch
+
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def machine_tag(info: dict) -> str:
+    name = info.get("gpu") or f"cpu-{info['cpu']}-{info['cores']}c"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def versions() -> dict:
+    import flax
+    import jax
+    import optax
+    import torch
+
+    return {"python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
+            "optax": optax.__version__, "torch": torch.__version__}
+
+
+def bench_experiment(cfg, train, test, repeats: int, epochs_per_repeat: int, cuda: bool,
+                     only: Sequence[str] | None = None, log=print) -> dict:
+    trainers, states, warm = {}, {}, {}
+    for label, framework, mode in variants(cuda, only):
+        trainer = run.make_trainer(framework, cfg, train, test, torch_compile=mode)
+        state = trainer.init_state()
+        t0 = time.perf_counter()
+        compile_s = trainer.compile(state)
+        state, _ = trainer.train_epoch(state, 0)  # warm-up: caches, autotuning, torch.compile
+        warm[label] = {"compile_s": compile_s, "warmup_s": time.perf_counter() - t0}
+        trainers[label], states[label] = trainer, state
+        log(f"  {label}: warm-up {warm[label]['warmup_s']:.1f}s (compile {compile_s:.1f}s)")
+    times = {label: [] for label in trainers}
+    for r in range(repeats):
+        for label, trainer in trainers.items():
+            t0 = time.perf_counter()
+            for e in range(epochs_per_repeat):
+                states[label], _ = trainer.train_epoch(states[label], 1 + r * epochs_per_repeat + e)
+            times[label].append((time.perf_counter() - t0) / epochs_per_repeat)
+        log(f"  repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()))
+    images = next(iter(trainers.values())).steps_per_epoch * cfg.batch_size
+    rows = {}
+    for label, ts in times.items():
+        median = statistics.median(ts)
+        rows[label] = {**warm[label], "times_s": ts, "median_s": median,
+                       "per_1000_images_s": median / images * 1000, "images_per_s": images / median}
+    for label, row in rows.items():
+        row["jax_over_this"] = rows["jax"]["median_s"] / row["median_s"]
+    return {"images_per_repeat": images, "variants": rows}
+
+
+def markdown(result: dict) -> str:
+    unit = result["unit"]
+    lines = [f"# Training speed: {result['machine'].get('gpu') or result['machine']['cpu']}",
+             "", f"Command: `{result['command']}`", "",
+             f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores"
+             + (f", GPU {result['machine']['gpu']}" if result['machine'].get('gpu') else "")
+             + f"; JAX device: {result['machine']['jax_device']}.",
+             "Versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".", "",
+             f"Median of {result['repeats']} repeats, variants alternated within each repeat; "
+             f"time {unit}. `JAX / this` < 1 means JAX is faster.", "",
+             f"| experiment | variant | {unit} (s) | images/s | JAX / this | warm-up (s) |",
+             "|---|---|---:|---:|---:|---:|"]
+    for exp, res in result["experiments"].items():
+        for label, row in res["variants"].items():
+            value = row["median_s"] if unit == "per epoch" else row["per_1000_images_s"]
+            lines.append(f"| {exp} | {label} | {value:.3f} | {row['images_per_s']:.0f} | "
+                         f"{row['jax_over_this']:.2f} | {row['warmup_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jaxbench.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--exp", action="append", required=True, help="experiment (repeatable)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--steps", type=run.positive_int, help="time N train steps per repeat")
+    group.add_argument("--epochs", type=run.positive_int, help="time N full epochs per repeat")
+    p.add_argument("--repeats", type=run.positive_int, default=3)
+    p.add_argument("--variants", help=f"comma-separated subset of {', '.join(VARIANTS)} "
+                   "(default: all this machine runs; jax always runs)")
+    p.add_argument("--out", default="results/speed", help="folder for <machine-tag>.json/.md")
+    run.add_data_args(p)
+    args = p.parse_args(argv)
+    steps = args.steps if args.steps or args.epochs else 50
+    unknown = set(args.variants.split(",")) - set(VARIANTS) if args.variants else set()
+    if unknown:
+        return run.fail(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(VARIANTS)}.")
+    try:
+        import torch
+    except ImportError:
+        return run.fail("the benchmark needs PyTorch: pip install -e '.[torch]'.")
+    from jaxbench import data
+
+    cuda = torch.cuda.is_available()
+    info = machine(cuda)
+    result = {"command": "python -m jaxbench.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "machine": info, "versions": versions(), "repeats": args.repeats,
+              "unit": "per epoch" if args.epochs else "per 1,000 images", "experiments": {}}
+    try:
+        for name in args.exp:
+            cfg = config_lib.load(name).replace(batch_size=args.batch_size, seed=args.seed)
+            limit = args.train_limit or (steps * cfg.batch_size if steps else None)
+            cfg = cfg.replace(train_limit=limit, eval_limit=args.eval_limit or cfg.batch_size)
+            train, test = data.load(cfg, args.data_dir, args.manual_dir)
+            print(f"[bench] {name}: {len(train) // cfg.batch_size} steps per repeat", flush=True)
+            result["experiments"][name] = bench_experiment(
+                cfg, train, test, args.repeats, args.epochs or 1, cuda,
+                args.variants.split(",") if args.variants else None)
+    except (ConfigError, data.DataError) as err:
+        return run.fail(str(err))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = machine_tag(info)
+    run.write_json(out / f"{tag}.json", result)
+    (out / f"{tag}.md").write_text(markdown(result))
+    print(markdown(result))
+    print(f"wrote {out / tag}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""The PyTorch twin: layer parity with the Flax models, its step, its preprocessing, the benchmark."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+torch = pytest.importorskip("torch")
+
+from jaxbench import bench, config, data, models, report, run, torch_twin  # noqa: E402
+from conftest import synthetic_split  # noqa: E402
+
+
+@pytest.mark.parametrize("name", ["baseline", "target"])
+@pytest.mark.parametrize("classes", [10, 200])
+def test_layer_by_layer_parameter_parity(name, classes):
+    flax_rows = [(layer.rpartition("_")[0], count)
+                 for layer, _, count in report.layer_rows(models.build(name, classes))]
+    assert torch_twin.layer_counts(torch_twin.build(name, classes)) == flax_rows
+
+
+def test_init_matches_flax_lecun_normal_scale():
+    model = torch_twin.build("target", 10)
+    conv = model.features[7].weight
+    assert conv.shape == (128, 128, 3, 3)  # fan_in 1152
+    assert abs(conv.std().item() - (1 / 1152) ** 0.5) < 0.1 * (1 / 1152) ** 0.5
+    assert conv.abs().max().item() <= 2 * (1 / 1152) ** 0.5 / 0.8796 + 1e-6
+
+
+@pytest.mark.parametrize("shape", [(28, 28, 1), (64, 64, 3)])
+def test_preprocessing_matches_jax(shape):
+    images = np.random.default_rng(0).integers(0, 256, (4, *shape), dtype=np.uint8)
+    mean, std = data.channel_stats(images)
+    ours = np.asarray(data.preprocess(jnp.asarray(images), mean, std, 64))
+    twin = torch_twin.preprocess(torch.from_numpy(images), torch.from_numpy(mean),
+                                 torch.from_numpy(std), 64).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(twin, ours, atol=1e-4)
+
+
+@pytest.mark.parametrize("exp", ["fmnist_baseline", "tiny_target"])
+def test_a_torch_train_step_lowers_the_loss(exp):
+    cfg = config.load(exp).replace(batch_size=16)
+    shape = (28, 28, 1) if cfg.dataset == "fashion_mnist" else (64, 64, 3)
+    split = synthetic_split(16, shape=shape, classes=cfg.num_classes)
+    trainer = torch_twin.Trainer(cfg, split, split)
+    state = trainer.init_state()
+    idx = np.arange(16)
+    losses = [trainer._train_step(state, idx)[0].item() / 16 for _ in range(6)]
+    assert losses[-1] < losses[0] * 0.9, losses
+
+
+def test_cosine_schedule_matches_optax():
+    from jaxbench import train
+
+    cfg = config.load("tiny_baseline")
+    ours, theirs = torch_twin.make_schedule(cfg, 100), train.make_schedule(cfg, 100)
+    for step in (0, 1, 777, 1250, 2499, 2500):
+        assert ours(step) == pytest.approx(float(theirs(step)), rel=1e-5, abs=1e-9)
+
+
+def test_fit_with_the_twin_writes_the_same_outputs(tmp_path):
+    cfg = config.load("fmnist_target").replace(epochs=2, batch_size=16)
+    trainer = run.make_trainer("torch", cfg, synthetic_split(64), synthetic_split(20, seed=1))
+    s = run.fit(cfg, trainer, tmp_path, framework="torch")
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and s["framework"] == "torch"
+    assert s["params"] == 2_423_882 and "torch" in s["versions"]
+    assert s["eval_examples"] == 20
+
+
+def test_benchmark_on_a_small_limit_writes_json(tmp_path):
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    for name in data.MANUAL_FILES["fashion_mnist"]:
+        (manual / name).touch()
+    with tfds.testing.mock_data(num_examples=64):
+        code = bench.main(["--exp", "fmnist_baseline", "--steps", "2", "--repeats", "2",
+                           "--batch-size", "16", "--variants", "torch-eager",
+                           "--data-dir", str(tmp_path / "tfds"), "--manual-dir", str(manual),
+                           "--out", str(tmp_path / "speed")])
+    assert code == 0
+    [path] = (tmp_path / "speed").glob("*.json")
+    result = json.loads(path.read_text())
+    assert {"machine", "versions", "repeats", "unit", "experiments", "command"} <= set(result)
+    assert {"cpu", "cores"} <= set(result["machine"]) and "torch" in result["versions"]
+    rows = result["experiments"]["fmnist_baseline"]["variants"]
+    assert set(rows) == {"jax", "torch-eager"}
+    for row in rows.values():
+        assert len(row["times_s"]) == 2 and row["median_s"] > 0 and row["images_per_s"] > 0
+        assert {"per_1000_images_s", "jax_over_this", "warmup_s", "compile_s"} <= set(row)
+    assert rows["jax"]["jax_over_this"] == 1.0
+    assert path.with_suffix(".md").read_text().count("| fmnist_baseline |") == 2
