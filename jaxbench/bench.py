@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import statistics
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 from jaxbench import config as config_lib
-from jaxbench import run
+from jaxbench import loop, run
 from jaxbench.config import ConfigError
 
 
@@ -47,7 +48,7 @@ def variants(cuda: bool, only: Sequence[str] | None = None) -> list[tuple[str, s
 def machine(cuda: bool) -> dict:
     import jax
 
-    info = {"cpu": run.cpu_name(), "cores": __import__("os").cpu_count(),
+    info = {"cpu": loop.cpu_name(), "cores": os.cpu_count(),
             "jax_device": f"{jax.devices()[0].platform} {jax.devices()[0].device_kind}"}
     if cuda:
         import torch
@@ -79,7 +80,7 @@ def bench_experiment(cfg, train, test, repeats: int, epochs_per_repeat: int, cud
         state = trainer.init_state()
         t0 = time.perf_counter()
         compile_s = trainer.compile(state)
-        state, _ = trainer.train_epoch(state, 0)  # warm-up: caches, autotuning, torch.compile
+        state, _, _ = trainer.train_epoch(state, 0)  # warm-up: caches, autotuning, torch.compile
         warm[label] = {"compile_s": compile_s, "warmup_s": time.perf_counter() - t0}
         trainers[label], states[label] = trainer, state
         log(f"  {label}: warm-up {warm[label]['warmup_s']:.1f}s (compile {compile_s:.1f}s)")
@@ -88,7 +89,7 @@ def bench_experiment(cfg, train, test, repeats: int, epochs_per_repeat: int, cud
         for label, trainer in trainers.items():
             t0 = time.perf_counter()
             for e in range(epochs_per_repeat):
-                states[label], _ = trainer.train_epoch(states[label], 1 + r * epochs_per_repeat + e)
+                states[label], _, _ = trainer.train_epoch(states[label], 1 + r * epochs_per_repeat + e)
             times[label].append((time.perf_counter() - t0) / epochs_per_repeat)
         log(f"  repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()))
     images = next(iter(trainers.values())).steps_per_epoch * cfg.batch_size
@@ -154,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = config_lib.load(name).replace(batch_size=args.batch_size, seed=args.seed)
             limit = args.train_limit or (steps * cfg.batch_size if steps else None)
             cfg = cfg.replace(train_limit=limit, eval_limit=args.eval_limit or cfg.batch_size)
-            train, test = data.load(cfg, args.data_dir, args.manual_dir)
+            train, test = data.load(cfg, args.data_dir, args.manual_dir, args.arrays)
             print(f"[bench] {name}: {len(train) // cfg.batch_size} steps per repeat", flush=True)
             result["experiments"][name] = bench_experiment(
                 cfg, train, test, args.repeats, args.epochs or 1, cuda,
@@ -164,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = machine_tag(info)
-    run.write_json(out / f"{tag}.json", result)
+    loop.write_json(out / f"{tag}.json", result)
     (out / f"{tag}.md").write_text(markdown(result))
     print(markdown(result))
     print(f"wrote {out / tag}.json and .md")

@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 
 DATASETS = {"fashion_mnist": 10, "tiny_imagenet": 200}
-MODELS = ("baseline", "target")
+MODELS = ("baseline", "target", "densenet")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine")
 

@@ -145,11 +145,36 @@ def load_split(b, split: str, limit: int | None = None, chunk: int = 4096) -> Sp
     return Split(images, labels)
 
 
-def load(cfg, data_dir: str | None = None, manual_dir: str | None = None) -> tuple[Split, Split]:
-    """(train, eval) splits of an experiment, honouring its train/eval limits."""
+def load(cfg, data_dir: str | None = None, manual_dir: str | None = None,
+         arrays: str | None = None) -> tuple[Split, Split]:
+    """(train, eval) splits of an experiment, honouring its train/eval limits.
+
+    `arrays` reads an .npz written by `export` instead of tfds: for machines without TensorFlow
+    (the GPU image) and for tests that run the CLI in a subprocess on synthetic data.
+    """
+    if arrays is not None:
+        return load_arrays(arrays, cfg)
     b = prepare(cfg.dataset, data_dir, manual_dir)
     return (load_split(b, cfg.train_split, cfg.train_limit),
             load_split(b, cfg.eval_split, cfg.eval_limit))
+
+
+def save_arrays(path: str | Path, dataset: str, train: Split, test: Split) -> None:
+    np.savez(path, dataset=dataset, train_images=train.images, train_labels=train.labels,
+             eval_images=test.images, eval_labels=test.labels)
+
+
+def load_arrays(path: str | Path, cfg) -> tuple[Split, Split]:
+    try:
+        with np.load(path) as z:
+            if str(z["dataset"]) != cfg.dataset:
+                raise DataError(f"--arrays {path} holds {z['dataset']}, but {cfg.name} trains on "
+                                f"{cfg.dataset}; export that dataset instead.")
+            return (Split(z["train_images"][:cfg.train_limit], z["train_labels"][:cfg.train_limit]),
+                    Split(z["eval_images"][:cfg.eval_limit], z["eval_labels"][:cfg.eval_limit]))
+    except (OSError, KeyError, ValueError) as err:
+        raise DataError(f"--arrays {path}: not an array file written by `python -m jaxbench.data "
+                        f"export` ({err}).") from None
 
 
 def channel_stats(images: np.ndarray, chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
@@ -210,3 +235,31 @@ def eval_order(n: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     idx = np.arange(steps * batch_size, dtype=np.int32)
     mask = idx < n
     return np.where(mask, idx, 0).reshape(steps, batch_size), mask.reshape(steps, batch_size)
+
+
+def main(argv=None) -> int:
+    """`python -m jaxbench.data export --exp NAME --out FILE.npz`: the prepared splits as numpy."""
+    import argparse
+    import sys
+
+    from jaxbench import config, run
+
+    p = argparse.ArgumentParser(prog="python -m jaxbench.data")
+    p.add_argument("command", choices=["export"])
+    p.add_argument("--exp", required=True)
+    p.add_argument("--out", required=True, help="the .npz file to write")
+    run.add_data_args(p)
+    args = p.parse_args(argv)
+    try:
+        cfg = run.resolve(args)
+        train, test = load(cfg, args.data_dir, args.manual_dir)
+    except (config.ConfigError, DataError) as err:
+        return run.fail(str(err))
+    save_arrays(args.out, cfg.dataset, train, test)
+    print(f"wrote {args.out}: {len(train):,} train and {len(test):,} {cfg.eval_split} images "
+          f"of {cfg.dataset}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -78,10 +78,69 @@ class TargetCNN(nn.Module):
         return nn.Dense(self.num_classes)(x)
 
 
+def bn(train: bool) -> nn.BatchNorm:
+    return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON)
+
+
+class DenseLayer(nn.Module):
+    """BN -> ReLU -> Conv1x1 (bottleneck, 4k) -> BN -> ReLU -> Conv3x3 (k); output concatenated."""
+
+    growth: int
+    bottleneck: int = 4
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        y = nn.Conv(self.bottleneck * self.growth, (1, 1), use_bias=False)(nn.relu(bn(train)(x)))
+        y = nn.Conv(self.growth, (3, 3), padding="SAME", use_bias=False)(nn.relu(bn(train)(y)))
+        return jnp.concatenate([x, y], axis=-1)
+
+
+class Transition(nn.Module):
+    """BN -> ReLU -> Conv1x1 (compressing channels) -> 2x2 average pool."""
+
+    channels: int
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        x = nn.Conv(self.channels, (1, 1), use_bias=False)(nn.relu(bn(train)(x)))
+        n, h, w, c = x.shape
+        return x.reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+class DenseNetBC(nn.Module):
+    """DenseNet-BC (Huang et al. 2017) for 64x64 inputs, sized to TargetCNN's ~2.5M parameters.
+
+    Stem: Conv3x3 (2k channels) at full resolution, then 2x2 max pool to 32x32 (the ImageNet stem's
+    7x7/2 conv + pool would leave 16x16 before the first block, too coarse for 64x64 images).
+    Dense blocks of `blocks` layers with growth rate k, transitions halving channels and resolution
+    (32 -> 16 -> 8 -> 4), then BN -> ReLU -> global average pool -> Dense(classes).
+    k = 24 and blocks (6, 12, 18, 8) give 2,558,170 parameters (10 classes), 2,654,120 (200).
+    """
+
+    num_classes: int
+    growth: int = 24
+    blocks: Sequence[int] = (6, 12, 18, 8)
+    compression: float = 0.5
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = True) -> jnp.ndarray:
+        x = nn.Conv(2 * self.growth, (3, 3), padding="SAME", use_bias=False)(x)
+        x = max_pool_2x2(nn.relu(bn(train)(x)))
+        for i, layers in enumerate(self.blocks):
+            for _ in range(layers):
+                x = DenseLayer(self.growth)(x, train)
+            if i < len(self.blocks) - 1:
+                x = Transition(int(x.shape[-1] * self.compression))(x, train)
+        x = nn.relu(bn(train)(x)).mean(axis=(1, 2))
+        return nn.Dense(self.num_classes)(x)
+
+
 def build(name: str, num_classes: int) -> nn.Module:
     """Model by the experiment's `model` key."""
     if name == "baseline":
         return BaselineCNN(num_classes)
     if name == "target":
         return TargetCNN(num_classes)
+    if name == "densenet":
+        return DenseNetBC(num_classes)
     raise ValueError(f"unknown model {name!r}")

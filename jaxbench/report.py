@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -19,18 +21,39 @@ import numpy as np
 from jaxbench import models
 
 
-def layer_rows(model, size: int = 64) -> list[tuple[str, str, int]]:
-    """(layer, parameter shapes, count) per top-level submodule, in definition order."""
-    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
-                                                  train=False))
-    def call_order(layer: str) -> tuple:  # pytrees sort keys; restore Conv_i, BatchNorm_i, ..., Dense
-        kind, _, number = layer.rpartition("_")
-        return (kind == "Dense", int(number), kind != "Conv")
+def leaf_layers(model, size: int = 64) -> list[tuple[str, dict]]:
+    """(path, {param name: array}) for every parameterized layer, in call order.
 
+    `init` (not `eval_shape`) keeps the order in which flax created the layers; pytree
+    utilities would sort the names.
+    """
+    params = model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)["params"]
+
+    def walk(tree: Mapping, prefix: str):
+        for name, sub in tree.items():
+            path = f"{prefix}/{name}" if prefix else name
+            if any(isinstance(v, Mapping) for v in sub.values()):
+                yield from walk(sub, path)
+            else:
+                yield path, dict(sub)
+
+    return list(walk(params, ""))
+
+
+def layer_rows(model, size: int = 64) -> list[tuple[str, str, int]]:
+    """(top-level layer, what it holds, parameter count), in call order; blocks are summed."""
+    groups: dict[str, list[tuple[str, dict]]] = {}
+    for path, params in leaf_layers(model, size):
+        groups.setdefault(path.split("/")[0], []).append((path, params))
     rows = []
-    for layer, params in sorted(variables["params"].items(), key=lambda kv: call_order(kv[0])):
-        shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(params.items()))
-        rows.append((layer, shapes, int(sum(np.prod(v.shape) for v in params.values()))))
+    for top, leaves in groups.items():
+        count = int(sum(np.prod(v.shape) for _, p in leaves for v in p.values()))
+        if len(leaves) == 1:
+            what = ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(leaves[0][1].items()))
+        else:
+            kinds = Counter(path.rsplit("/", 1)[1].rpartition("_")[0] for path, _ in leaves)
+            what = ", ".join(f"{n}x {kind}" for kind, n in kinds.items())
+        rows.append((top, what, count))
     return rows
 
 
@@ -67,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("folder", type=Path)
     args = p.parse_args(argv)
     if args.what == "models":
-        for name in ("baseline", "target"):
+        for name in ("baseline", "target", "densenet"):
             for classes in (10, 200):
                 if args.full:
                     import flax.linen as nn

@@ -8,9 +8,6 @@ User mistakes end in one clear paragraph on stderr and exit code 2, never a trac
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -47,6 +44,8 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="tfds data_dir (default: tfds' own, ~/tensorflow_datasets)")
     parser.add_argument("--manual-dir", help="folder with the official dataset files, for offline "
                         "preparation (tfds manual_dir)")
+    parser.add_argument("--arrays", help="read the splits from an .npz written by "
+                        "`python -m jaxbench.data export` instead of tfds (machines without TF)")
     parser.add_argument("--train-limit", type=positive_int, help="use only the first N train examples")
     parser.add_argument("--eval-limit", type=positive_int, help="use only the first N eval examples")
     parser.add_argument("--batch-size", type=positive_int, help="override the experiment's batch size")
@@ -64,6 +63,10 @@ def parser() -> argparse.ArgumentParser:
                    help="with --framework torch: run the model eagerly or under torch.compile")
     add_data_args(p)
     p.add_argument("--out", default="results/runs", help="output folder (default: results/runs)")
+    p.add_argument("--checkpoint-dir", help="where checkpoints go (default: <out>/<exp>/checkpoints)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--restart", action="store_true",
+                   help="discard existing checkpoints of this experiment and start over")
     p.add_argument("--steps-per-call", type=positive_int,
                    help="train steps fused into one jitted call (default: 1 on CPU, 50 on GPU)")
     return p
@@ -83,106 +86,6 @@ def resolve(args: argparse.Namespace) -> config_lib.Config:
     cfg = config_lib.load(args.exp)
     return cfg.replace(epochs=getattr(args, "epochs", None), batch_size=args.batch_size,
                        seed=args.seed, train_limit=args.train_limit, eval_limit=args.eval_limit)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write to a temporary name, then rename: a crash never leaves a truncated file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment(framework: str = "jax") -> dict[str, Any]:
-    """Where and with what a run happened, for summary.json."""
-    import flax
-    import jax
-    import numpy
-    import optax
-
-    dev = jax.devices()[0]
-    versions = {"python": platform.python_version(), "jax": jax.__version__,
-                "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
-                "flax": flax.__version__, "optax": optax.__version__, "numpy": numpy.__version__}
-    try:
-        import tensorflow_datasets as tfds
-        versions["tfds"] = tfds.__version__
-    except ImportError:
-        versions["tfds"] = None
-    if framework == "torch":
-        import torch
-
-        versions["torch"] = torch.__version__
-        if torch.cuda.is_available():
-            return {"device": {"platform": "gpu", "name": torch.cuda.get_device_name(),
-                               "count": torch.cuda.device_count(), "cpu": cpu_name(),
-                               "cores": os.cpu_count()}, "versions": versions}
-        return {"device": {"platform": "cpu", "name": "cpu", "count": 1, "cpu": cpu_name(),
-                           "cores": os.cpu_count(), "threads": torch.get_num_threads()},
-                "versions": versions}
-    return {"device": {"platform": dev.platform, "name": dev.device_kind,
-                       "count": jax.device_count(), "cpu": cpu_name(), "cores": os.cpu_count()},
-            "versions": versions}
-
-
-def fit(cfg: config_lib.Config, trainer, out_dir: Path, framework: str = "jax") -> dict:
-    """Train every epoch, evaluate after each, and keep metrics.jsonl / summary.json current."""
-    from tqdm import tqdm
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = out_dir / "metrics.jsonl"
-    metrics_path.write_text("")
-    state = trainer.init_state()
-    compile_s = trainer.compile(state)
-    print(f"[{cfg.name}] {framework}: {trainer.param_count(state):,} params, "
-          f"{len(trainer.train):,} train / {len(trainer.test):,} eval images, "
-          f"{trainer.steps_per_epoch} steps/epoch, compiled in {compile_s:.1f}s", flush=True)
-    summary = {"experiment": cfg.name, "framework": framework,
-               "params": trainer.param_count(state), "compile_time_s": compile_s,
-               **environment(framework), "normalization": {"mean": trainer.mean.tolist(),
-                                                  "std": trainer.std.tolist()},
-               "config": cfg.to_dict(), "train_examples": len(trainer.train),
-               "eval_examples": len(trainer.test), "epochs_completed": 0}
-    history = []
-    images = trainer.steps_per_epoch * cfg.batch_size
-    for epoch in range(1, cfg.epochs + 1):
-        t0 = time.perf_counter()
-        with tqdm(total=images, desc=f"epoch {epoch}/{cfg.epochs}", unit="img", leave=False,
-                  file=sys.stderr, disable=None) as bar:
-            state, tr = trainer.train_epoch(state, epoch, bar.update)
-        train_s = time.perf_counter() - t0
-        ev = trainer.evaluate(state)
-        row = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"],
-               "test_loss": ev["loss"], "test_acc": ev["acc"], "epoch_time_s": train_s,
-               "eval_time_s": time.perf_counter() - t0 - train_s,
-               "images_per_s": images / train_s, "lr": trainer.lr(state)}
-        history.append(row)
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(f"[{cfg.name}] epoch {epoch}/{cfg.epochs}  train loss {tr['loss']:.4f} "
-              f"acc {tr['acc']:.4f} | {cfg.eval_split} loss {ev['loss']:.4f} acc {ev['acc']:.4f} "
-              f"| {train_s:.1f}s ({row['images_per_s']:.0f} img/s) lr {row['lr']:.3g}", flush=True)
-        steady = history[1:] or history
-        best = max(history, key=lambda r: r["test_acc"])
-        summary.update({"epochs_completed": epoch, "final_test_acc": ev["acc"],
-                        "final_test_loss": ev["loss"], "best_test_acc": best["test_acc"],
-                        "best_epoch": best["epoch"],
-                        "mean_epoch_time_s": sum(r["epoch_time_s"] for r in steady) / len(steady),
-                        "first_epoch_time_s": history[0]["epoch_time_s"]})
-        write_json(out_dir / "summary.json", summary)
-    print(f"[{cfg.name}] done: {cfg.eval_split} acc {summary['final_test_acc']:.4f} "
-          f"(best {summary['best_test_acc']:.4f} at epoch {summary['best_epoch']}); "
-          f"wrote {out_dir}/metrics.jsonl and summary.json", flush=True)
-    return summary
 
 
 def run_name(exp: str, framework: str, torch_compile: str = "none") -> str:
@@ -220,19 +123,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if not args.exp:
         return fail("--exp NAME is required (or --list to see the experiments).")
-    from jaxbench import data
+    if args.resume and args.restart:
+        return fail("--resume and --restart contradict each other; pass one.")
+    from jaxbench import data, loop
+    from jaxbench.train import Diverged
 
     try:
         cfg = resolve(args)
-        train, test = data.load(cfg, args.data_dir, args.manual_dir)
+        train, test = data.load(cfg, args.data_dir, args.manual_dir, args.arrays)
         trainer = make_trainer(args.framework, cfg, train, test, steps_per_call=args.steps_per_call,
                                torch_compile=args.torch_compile)
         del train, test  # the trainer holds what it needs; let the host copy go
-        fit(cfg, trainer, Path(args.out) / run_name(cfg.name, args.framework, args.torch_compile),
-            framework=args.framework)
+        loop.fit(cfg, trainer, Path(args.out) / run_name(cfg.name, args.framework, args.torch_compile),
+                 framework=args.framework, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+                 restart=args.restart, resume_hint=resume_command(argv))
     except (ConfigError, data.DataError) as err:
         return fail(str(err))
+    except loop.Interrupted as err:
+        print(str(err), file=sys.stderr)
+        return loop.EXIT_INTERRUPTED
+    except Diverged as err:
+        print(f"error: {err}; stopped. The last good checkpoint is intact; lower the learning "
+              "rate or check the data before resuming.", file=sys.stderr)
+        return loop.EXIT_DIVERGED
     return 0
+
+
+def resume_command(argv: Sequence[str] | None) -> str:
+    args = list(sys.argv[1:] if argv is None else argv)
+    args = [a for a in args if a not in ("--resume", "--restart")]
+    return " ".join(["python -m jaxbench.run", *args, "--resume"])
 
 
 if __name__ == "__main__":

@@ -73,8 +73,48 @@ class TargetCNN(nn.Module):
         return self.head(self.features(x).mean(dim=(2, 3)))
 
 
+def _bn(c: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(c, momentum=BN_MOMENTUM, eps=BN_EPSILON)
+
+
+class DenseLayer(nn.Module):
+    def __init__(self, cin: int, growth: int, bottleneck: int = 4):
+        super().__init__()
+        self.body = nn.Sequential(
+            _bn(cin), nn.ReLU(), nn.Conv2d(cin, bottleneck * growth, 1, bias=False),
+            _bn(bottleneck * growth), nn.ReLU(),
+            nn.Conv2d(bottleneck * growth, growth, 3, padding=1, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, self.body(x)], dim=1)
+
+
+class DenseNetBC(nn.Module):
+    """The twin of `models.DenseNetBC` (same stem, blocks, transitions and widths)."""
+
+    def __init__(self, num_classes: int, growth: int = 24, blocks=(6, 12, 18, 8),
+                 compression: float = 0.5):
+        super().__init__()
+        c = 2 * growth
+        layers = [nn.Conv2d(3, c, 3, padding=1, bias=False), _bn(c), nn.ReLU(), nn.MaxPool2d(2)]
+        for i, n in enumerate(blocks):
+            for _ in range(n):
+                layers.append(DenseLayer(c, growth))
+                c += growth
+            if i < len(blocks) - 1:
+                out = int(c * compression)
+                layers += [_bn(c), nn.ReLU(), nn.Conv2d(c, out, 1, bias=False), nn.AvgPool2d(2)]
+                c = out
+        layers += [_bn(c), nn.ReLU()]
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(c, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
 def build(name: str, num_classes: int) -> nn.Module:
-    model = {"baseline": BaselineCNN, "target": TargetCNN}[name](num_classes)
+    model = {"baseline": BaselineCNN, "target": TargetCNN, "densenet": DenseNetBC}[name](num_classes)
     lecun_normal_(model)
     return model
 
@@ -174,19 +214,41 @@ class Trainer:
         """
         return 0.0
 
-    def train_epoch(self, state: State, epoch: int,
-                    progress: Callable[[int], None] = lambda n: None) -> tuple[State, dict]:
+    checkpointable = False  # resume is a feature of the JAX path
+
+    def zero_sums(self) -> dict:
+        return {"loss": torch.zeros((), device=self.device),
+                "correct": torch.zeros((), dtype=torch.long, device=self.device), "count": 0}
+
+    @staticmethod
+    def summarize(sums: dict) -> dict:
+        n = max(sums["count"], 1)
+        return {"loss": sums["loss"].item() / n, "acc": sums["correct"].item() / n,
+                "count": sums["count"]}
+
+    def train_epoch(self, state: State, epoch: int, sums: dict | None = None, start: int = 0,
+                    progress: Callable[[int], None] = lambda n: None,
+                    stop: Callable[[], bool] = lambda: False) -> tuple[State, dict, int]:
+        """Same contract as `train.Trainer.train_epoch`. The NaN check runs every 100 steps (a
+        host sync), so a divergence is reported at the first check after it."""
+        from jaxbench.train import Diverged
+
         state.model.train()
         order = data.epoch_order(self.cfg.seed, epoch, len(self.train), self.cfg.batch_size)
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), dtype=torch.long, device=self.device)
-        for idx in order:
+        sums = self.zero_sums() if sums is None else sums
+        done = start
+        for done, idx in enumerate(order[start:], start + 1):
+            if stop():
+                done -= 1
+                break
             loss, right = self._train_step(state, idx)
-            loss_sum += loss
-            correct += right
+            sums["loss"] += loss
+            sums["correct"] += right
+            sums["count"] += len(idx)
+            if (done % 100 == 0 or done == len(order)) and not torch.isfinite(sums["loss"]):
+                raise Diverged(epoch, done)
             progress(len(idx))
-        n = order.size
-        return state, {"loss": loss_sum.item() / n, "acc": correct.item() / n, "count": n}
+        return state, sums, done
 
     @torch.no_grad()
     def evaluate(self, state: State) -> dict:
@@ -201,6 +263,12 @@ class Trainer:
             correct += ((logits.argmax(1) == y) & m).sum()
         n = int(self.eval_mask.sum())
         return {"loss": loss_sum.item() / n, "acc": correct.item() / n, "count": n}
+
+    def global_step(self, state: State) -> int:
+        return state.step
+
+    def param_leaves(self, state: State) -> list[np.ndarray]:
+        return [p.detach().cpu().numpy() for p in state.model.parameters()]
 
     def lr(self, state: State) -> float:
         return self.schedule(max(state.step - 1, 0))

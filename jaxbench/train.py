@@ -27,7 +27,16 @@ from flax.training import train_state
 from jaxbench import data, models
 from jaxbench.config import Config
 
-Metrics = dict[str, jax.Array]  # sums over examples: loss, correct, count
+Metrics = dict[str, jax.Array]  # sums over examples: loss, correct, count (+ steps, bad in training)
+
+
+class Diverged(RuntimeError):
+    """A non-finite training loss; carries where it happened."""
+
+    def __init__(self, epoch: int, step: int):
+        super().__init__(f"the training loss became NaN or Inf at epoch {epoch}, step {step} of "
+                         "that epoch")
+        self.epoch, self.step = epoch, step
 
 
 class TrainState(train_state.TrainState):
@@ -67,9 +76,13 @@ def param_count(params: Any) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
-def zero_metrics() -> Metrics:
-    return {"loss": jnp.zeros((), jnp.float32), "correct": jnp.zeros((), jnp.int32),
-            "count": jnp.zeros((), jnp.int32)}
+def zero_metrics(training: bool = False) -> Metrics:
+    """Metric sums; in training also the step count and the first step whose loss was not finite."""
+    m = {"loss": jnp.zeros((), jnp.float32), "correct": jnp.zeros((), jnp.int32),
+         "count": jnp.zeros((), jnp.int32)}
+    if training:
+        m |= {"steps": jnp.zeros((), jnp.int32), "bad": jnp.full((), -1, jnp.int32)}
+    return m
 
 
 def loss_and_logits(state: TrainState, params: Any, x: jax.Array, y: jax.Array, train: bool):
@@ -98,7 +111,15 @@ def batch_metrics(logits: jax.Array, losses: jax.Array, y: jax.Array, mask: jax.
 
 
 def add(a: Metrics, b: Metrics) -> Metrics:
-    return jax.tree.map(jnp.add, a, b)
+    return {k: a[k] + b[k] for k in b} | {k: a[k] for k in a.keys() - b.keys()}
+
+
+def add_train(sums: Metrics, m: Metrics) -> Metrics:
+    """Add a train step's metrics and remember the first step (1-based) with a non-finite loss."""
+    sums = add(sums, m)
+    steps = sums["steps"] + 1
+    bad = jnp.where((sums["bad"] < 0) & ~jnp.isfinite(m["loss"]), steps, sums["bad"])
+    return sums | {"steps": steps, "bad": bad}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +136,7 @@ def make_steps(mean: np.ndarray, std: np.ndarray, size: int) -> Steps:
     def train_one(state, metrics, images, labels, batch_idx):
         x = data.preprocess(images[batch_idx], mean, std, size)
         state, m = train_step(state, x, labels[batch_idx])
-        return state, add(metrics, m)
+        return state, add_train(metrics, m)
 
     def eval_one(state, metrics, images, labels, batch_idx, mask):
         x = data.preprocess(images[batch_idx], mean, std, size)
@@ -167,7 +188,7 @@ def chunks(k: int, *arrays: np.ndarray) -> Iterator[tuple[int, list[np.ndarray]]
         yield n, parts
 
 
-def summarize(metrics: Metrics) -> dict[str, float]:
+def summarize(metrics: Any) -> dict[str, float]:
     m = jax.device_get(metrics)
     count = max(int(m["count"]), 1)
     return {"loss": float(m["loss"]) / count, "acc": int(m["correct"]) / count,
@@ -207,34 +228,62 @@ class Trainer:
     def init_state(self) -> TrainState:
         return create_state(self.cfg, self.steps_per_epoch, self.model, self.tx)
 
+    checkpointable = True  # its state is a pytree that orbax saves and restores exactly
+
+    def zero_sums(self) -> Metrics:
+        return zero_metrics(training=True)
+
+    summarize = staticmethod(summarize)
+
     def compile(self, state: TrainState) -> float:
         """Compile both steps ahead of time; return the seconds it took (reported apart)."""
         t0 = time.perf_counter()
         b = self.cfg.batch_size
         idx = np.zeros((self.k, b), np.int32)
-        self.train_fn = self.steps.train.lower(state, zero_metrics(), *self.dev["train"], idx,
+        self.train_fn = self.steps.train.lower(state, self.zero_sums(), *self.dev["train"], idx,
                                                np.ones(self.k, bool)).compile()
         eidx = np.zeros((self.eval_k, b), np.int32)
         self.eval_fn = self.steps.evaluate.lower(state, zero_metrics(), *self.dev["test"], eidx,
                                                  np.ones((self.eval_k, b), bool)).compile()
         return time.perf_counter() - t0
 
-    def train_epoch(self, state: TrainState, epoch: int,
-                    progress: Callable[[int], None] = lambda n: None) -> tuple[TrainState, dict]:
+    def train_epoch(self, state: TrainState, epoch: int, sums: Metrics | None = None,
+                    start: int = 0, progress: Callable[[int], None] = lambda n: None,
+                    stop: Callable[[], bool] = lambda: False) -> tuple[TrainState, Metrics, int]:
+        """Train epoch `epoch` from its step `start`; return (state, sums, steps done in it).
+
+        Returns early, between calls, when `stop()` turns true; raises `Diverged` at the first
+        non-finite loss (checked once per call, where the host syncs for progress anyway).
+        """
         order = data.epoch_order(self.cfg.seed, epoch, len(self.train), self.cfg.batch_size)
-        metrics = zero_metrics()
-        for n, (idx,) in chunks(self.k, order):
+        sums = self.zero_sums() if sums is None else sums
+        done = start
+        for n, (idx,) in chunks(self.k, order[start:]):
+            if stop():
+                break
             valid = np.arange(self.k) < n
-            state, metrics = self.train_fn(state, metrics, *self.dev["train"], idx, valid)
-            metrics["count"].block_until_ready()  # honest progress; one sync per call, not step
+            state, sums = self.train_fn(state, sums, *self.dev["train"], idx, valid)
+            bad = int(sums["bad"])  # the one host sync per call: honest progress, NaN check
+            if bad >= 0:
+                raise Diverged(epoch, bad)
+            done += n
             progress(n * self.cfg.batch_size)
-        return state, summarize(metrics)
+        return state, sums, done
 
     def evaluate(self, state: TrainState) -> dict:
         metrics = zero_metrics()
         for _, (idx, mask) in chunks(self.eval_k, self.eval_idx, self.eval_mask):
             metrics = self.eval_fn(state, metrics, *self.dev["test"], idx, mask)
         return summarize(metrics)
+
+    def checkpoint_tree(self, state: TrainState, sums: Metrics) -> dict:
+        return {"state": state, "sums": sums}
+
+    def global_step(self, state: TrainState) -> int:
+        return int(state.step)
+
+    def param_leaves(self, state: TrainState) -> list[np.ndarray]:
+        return [np.asarray(x) for x in jax.tree.leaves(state.params)]
 
     def lr(self, state: TrainState) -> float:
         """The learning rate of the last step taken."""

@@ -9,15 +9,16 @@ import tensorflow_datasets as tfds
 
 torch = pytest.importorskip("torch")
 
-from jaxbench import bench, config, data, models, report, run, torch_twin  # noqa: E402
+from jaxbench import bench, config, data, loop, models, report, run, torch_twin  # noqa: E402
 from conftest import synthetic_split  # noqa: E402
 
 
-@pytest.mark.parametrize("name", ["baseline", "target"])
+@pytest.mark.parametrize("name", ["baseline", "target", "densenet"])
 @pytest.mark.parametrize("classes", [10, 200])
 def test_layer_by_layer_parameter_parity(name, classes):
-    flax_rows = [(layer.rpartition("_")[0], count)
-                 for layer, _, count in report.layer_rows(models.build(name, classes))]
+    flax_rows = [(path.rsplit("/", 1)[-1].rpartition("_")[0],
+                  sum(int(np.prod(v.shape)) for v in params.values()))
+                 for path, params in report.leaf_layers(models.build(name, classes))]
     assert torch_twin.layer_counts(torch_twin.build(name, classes)) == flax_rows
 
 
@@ -63,7 +64,7 @@ def test_cosine_schedule_matches_optax():
 def test_fit_with_the_twin_writes_the_same_outputs(tmp_path):
     cfg = config.load("fmnist_target").replace(epochs=2, batch_size=16)
     trainer = run.make_trainer("torch", cfg, synthetic_split(64), synthetic_split(20, seed=1))
-    s = run.fit(cfg, trainer, tmp_path, framework="torch")
+    s = loop.fit(cfg, trainer, tmp_path, framework="torch")
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2] and s["framework"] == "torch"
     assert s["params"] == 2_423_882 and "torch" in s["versions"]

@@ -2,7 +2,7 @@ import json
 
 import numpy as np
 
-from jaxbench import config, run
+from jaxbench import config, loop
 from jaxbench.train import Trainer
 from conftest import synthetic_split
 
@@ -16,7 +16,7 @@ def test_same_seed_gives_identical_metrics(tmp_path):
     rows = []
     for name in ("a", "b"):
         trainer = Trainer(cfg, synthetic_split(64), synthetic_split(40, seed=1))
-        run.fit(cfg, trainer, tmp_path / name)
+        loop.fit(cfg, trainer, tmp_path / name)
         rows.append([json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()])
     keys = ("train_loss", "train_acc", "test_loss", "test_acc", "lr")
     assert [[r[k] for k in keys] for r in rows[0]] == [[r[k] for k in keys] for r in rows[1]]
@@ -26,14 +26,14 @@ def test_a_different_seed_gives_different_metrics(tmp_path):
     out = []
     for seed in (0, 1):
         cfg = small(seed=seed, epochs=1)
-        out.append(run.fit(cfg, Trainer(cfg, synthetic_split(64), synthetic_split(40)), tmp_path / str(seed)))
+        out.append(loop.fit(cfg, Trainer(cfg, synthetic_split(64), synthetic_split(40)), tmp_path / str(seed)))
     assert out[0]["final_test_loss"] != out[1]["final_test_loss"]
 
 
 def test_training_learns_and_eval_counts_every_example(tmp_path):
     cfg = small(epochs=3)
     trainer = Trainer(cfg, synthetic_split(320), synthetic_split(50, seed=1))
-    summary = run.fit(cfg, trainer, tmp_path)
+    summary = loop.fit(cfg, trainer, tmp_path)
     assert summary["best_test_acc"] > 0.5  # 10 classes: chance is 0.1
     ev = trainer.evaluate(trainer.init_state())  # 4 batches of 16, the last padded and masked
     assert ev["count"] == 50
@@ -45,7 +45,7 @@ def test_multi_step_calls_match_single_steps(tmp_path):
     results = []
     for k in (1, 3):  # 320 // 16 = 20 steps: 3 per call leaves a padded last call
         trainer = Trainer(cfg, synthetic_split(320), synthetic_split(50, seed=1), steps_per_call=k)
-        results.append(run.fit(cfg, trainer, tmp_path / str(k)))
+        results.append(loop.fit(cfg, trainer, tmp_path / str(k)))
     np.testing.assert_allclose(results[0]["final_test_loss"], results[1]["final_test_loss"], rtol=1e-4)
 
 

@@ -1,0 +1,64 @@
+"""DenseNet-BC: size, shapes, dense connectivity, learning."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxbench import config, models, train
+
+
+def params(classes):
+    v = models.DenseNetBC(classes).init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False)
+    return v["params"]
+
+
+@pytest.mark.parametrize("classes, exact", [(10, 2_558_170), (200, 2_654_120)])
+def test_parameter_count_is_close_to_target_cnn(classes, exact):
+    n = train.param_count(params(classes))
+    assert n == exact
+    assert abs(n - 2.5e6) / 2.5e6 <= 0.10
+
+
+@pytest.mark.parametrize("classes", [10, 200])
+def test_output_shapes(classes):
+    model = models.DenseNetBC(classes)
+    x = jnp.ones((3, 64, 64, 3))
+    variables = model.init(jax.random.key(1), x, train=False)
+    assert model.apply(variables, x, train=False).shape == (3, classes)
+    logits, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    assert logits.shape == (3, classes)
+
+
+def test_channels_grow_by_k_per_layer_inside_a_block():
+    k, p = 24, params(10)
+    # Block 1 starts from the stem's 2k channels; every layer sees all earlier outputs.
+    inputs = [p[f"DenseLayer_{i}"]["Conv_0"]["kernel"].shape[2] for i in range(6)]
+    assert inputs == [2 * k + i * k for i in range(6)]
+    assert all(p[f"DenseLayer_{i}"]["Conv_1"]["kernel"].shape == (3, 3, 4 * k, k) for i in range(6))
+    # The transition compresses by half: (48 + 6 * 24) / 2 = 96 channels into block 2.
+    assert p["Transition_0"]["Conv_0"]["kernel"].shape == (1, 1, 192, 96)
+    assert p["DenseLayer_6"]["Conv_0"]["kernel"].shape[2] == 96
+
+
+def test_dense_layer_concatenates_its_input():
+    layer = models.DenseLayer(growth=5)
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 7))
+    v = layer.init(jax.random.key(1), x, train=False)
+    y = layer.apply(v, x, train=False)
+    assert y.shape == (2, 8, 8, 12)
+    np.testing.assert_array_equal(y[..., :7], x)
+
+
+def test_a_train_step_lowers_the_loss():
+    cfg = config.load("fmnist_densenet")
+    state = train.create_state(cfg, 10)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(8, 64, 64, 3)).astype(np.float32))
+    y = jnp.asarray(rng.integers(0, 10, 8).astype(np.int32))
+    step = jax.jit(train.train_step)
+    losses = []
+    for _ in range(4):
+        state, m = step(state, x, y)
+        losses.append(float(m["loss"]) / 8)
+    assert losses[-1] < losses[0], losses

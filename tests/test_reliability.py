@@ -1,0 +1,202 @@
+"""Checkpoints, exact resume after SIGKILL, Ctrl-C, atomic outputs, divergence, bad input."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxbench import config, data, loop
+from jaxbench.checkpoint import Checkpoints
+from jaxbench.train import Trainer
+from conftest import REPO, synthetic_split
+
+KEYS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr")
+
+
+@pytest.fixture(scope="module")
+def arrays(tmp_path_factory):
+    path = tmp_path_factory.mktemp("arrays") / "fmnist.npz"
+    data.save_arrays(path, "fashion_mnist", synthetic_split(1600), synthetic_split(100, seed=1))
+    return path
+
+
+def cli(*args):
+    return [sys.executable, "-m", "jaxbench.run", *args]
+
+
+def base_args(arrays, out, epochs=4):
+    return ["--exp", "fmnist_baseline", "--arrays", str(arrays), "--epochs", str(epochs),
+            "--out", str(out)]
+
+
+def read(out):
+    run = out / "fmnist_baseline"
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    return [[r[k] for k in KEYS] for r in rows], json.loads((run / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def reference(arrays, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    res = subprocess.run(cli(*base_args(arrays, out)), cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    return read(out)
+
+
+def wait_for(proc, text, timeout=120):
+    seen = ""
+    deadline = time.time() + timeout
+    while text not in seen:
+        line = proc.stdout.readline()
+        assert line or proc.poll() is None, f"process ended before {text!r}: {seen}"
+        seen += line
+        assert time.time() < deadline
+    return seen
+
+
+def test_checkpoints_keep_the_last_two_and_the_best(tmp_path):
+    cfg = config.load("fmnist_baseline").replace(epochs=5, batch_size=32)
+    trainer = Trainer(cfg, synthetic_split(320), synthetic_split(60, seed=1))
+    loop.fit(cfg, trainer, tmp_path)
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["epoch"] * trainer.steps_per_epoch for r in rows]
+    best = steps[int(np.argmax([r["test_acc"] for r in rows]))]
+    kept = Checkpoints(tmp_path / "checkpoints").all_steps()
+    assert sorted(kept) == sorted({steps[-1], steps[-2], best})
+
+
+def test_sigkill_then_resume_is_bit_identical(arrays, reference, tmp_path):
+    """Killed at an arbitrary moment (twice), resumed: same metrics, same parameters."""
+    ref_rows, ref_summary = reference
+    random.seed(1234)
+    for trial in range(2):
+        proc = subprocess.Popen(cli(*base_args(arrays, tmp_path), *(["--resume"] if trial else [])),
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                text=True)
+        wait_for(proc, f"epoch {trial + 1}/4")
+        time.sleep(random.uniform(0.0, 2.0))  # somewhere inside the next epoch (or between)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    res = subprocess.run(cli(*base_args(arrays, tmp_path), "--resume"), cwd=REPO,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "resumed from" in res.stdout
+    rows, summary = read(tmp_path)
+    assert rows == ref_rows  # each epoch exactly once, identical numbers
+    assert summary["params_sha256"] == ref_summary["params_sha256"]
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_identically(arrays, reference, tmp_path):
+    ref_rows, ref_summary = reference
+    proc = subprocess.Popen(cli(*base_args(arrays, tmp_path)), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for(proc, "epoch 1/4")
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "checkpoint saved in" in err and "--resume" in err and "Traceback" not in err
+    res = subprocess.run(cli(*base_args(arrays, tmp_path), "--resume"), cwd=REPO,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    rows, summary = read(tmp_path)
+    assert rows == ref_rows and summary["params_sha256"] == ref_summary["params_sha256"]
+
+
+def test_resuming_a_finished_run_says_so(arrays, tmp_path):
+    args = base_args(arrays, tmp_path, epochs=1)
+    assert subprocess.run(cli(*args), cwd=REPO, capture_output=True).returncode == 0
+    res = subprocess.run(cli(*args, "--resume"), cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 0 and "already finished" in res.stdout
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--resume"], "--resume: no checkpoint in"),
+    ([], "already holds checkpoints of an earlier run"),
+])
+def test_checkpoint_misuse_exits_2(arrays, tmp_path, extra, message):
+    if not extra:  # a finished run's checkpoints, then a fresh start without --resume/--restart
+        subprocess.run(cli(*base_args(arrays, tmp_path, epochs=1)), cwd=REPO, check=True,
+                       capture_output=True)
+    res = subprocess.run(cli(*base_args(arrays, tmp_path, epochs=1), *extra), cwd=REPO,
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
+
+
+def test_restart_discards_old_checkpoints(arrays, tmp_path):
+    args = base_args(arrays, tmp_path, epochs=1)
+    subprocess.run(cli(*args), cwd=REPO, check=True, capture_output=True)
+    assert subprocess.run(cli(*args, "--restart"), cwd=REPO, capture_output=True).returncode == 0
+
+
+def test_divergence_stops_with_exit_3_naming_epoch_and_step(arrays, tmp_path):
+    exp = tmp_path / "wild.toml"
+    exp.write_text((REPO / "experiments" / "fmnist_baseline.toml").read_text()
+                   .replace("learning_rate = 1e-3", "learning_rate = 1e12")
+                   .replace('optimizer = "adam"', 'optimizer = "sgd"'))
+    res = subprocess.run(cli("--exp", str(exp), "--arrays", str(arrays), "--epochs", "2",
+                             "--out", str(tmp_path)), cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 3, res.stderr
+    assert "NaN or Inf at epoch 1, step" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_divergence_leaves_the_last_good_checkpoint_intact(tmp_path, monkeypatch):
+    cfg = config.load("fmnist_baseline").replace(epochs=3, batch_size=32)
+    trainer = Trainer(cfg, synthetic_split(320), synthetic_split(60, seed=1))
+    original = trainer.train_epoch
+
+    def poisoned(state, epoch, *args, **kwargs):  # epoch 2 starts from NaN weights
+        if epoch == 2:
+            state = state.replace(params=jax.tree.map(lambda p: p * jnp.nan, state.params))
+        return original(state, epoch, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_epoch", poisoned)
+    from jaxbench.train import Diverged
+
+    with pytest.raises(Diverged) as err:
+        loop.fit(cfg, trainer, tmp_path)
+    assert (err.value.epoch, err.value.step) == (2, 1)
+    ckpts = Checkpoints(tmp_path / "checkpoints")
+    assert ckpts.all_steps() == [trainer.steps_per_epoch]
+    tree, progress = ckpts.restore(trainer.checkpoint_tree(trainer.init_state(), trainer.zero_sums()))
+    assert progress["epoch"] == 2
+    assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(tree["state"].params))
+
+
+def test_outputs_are_written_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "summary.json"
+    loop.write_json(path, {"a": 1})
+
+    def crash(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        loop.write_json(path, {"a": 2, "b": "x" * 10_000})
+    assert json.loads(path.read_text()) == {"a": 1}  # the old file, whole
+
+
+def test_bad_arrays_file_exits_2(tmp_path):
+    bad = tmp_path / "x.npz"
+    bad.write_bytes(b"not an npz")
+    res = subprocess.run(cli("--exp", "fmnist_baseline", "--arrays", str(bad)), cwd=REPO,
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and f"--arrays {bad}" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_manual_dir_that_is_a_file_or_empty_exits_2(tmp_path):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "empty").mkdir()
+    for manual, message in ((tmp_path / "file", "no such folder"),
+                            (tmp_path / "empty", "lacks train-images-idx3-ubyte.gz")):
+        res = subprocess.run(cli("--exp", "fmnist_baseline", "--data-dir", str(tmp_path / "tfds"),
+                                 "--manual-dir", str(manual)), cwd=REPO, capture_output=True, text=True)
+        assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
