@@ -15,7 +15,6 @@ Writes `<out>/<machine-tag>.json` and `<out>/<machine-tag>.md`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
@@ -62,6 +61,31 @@ def machine_tag(info: dict) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
+def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
+    """float32 n x n matmul throughput under JAX on this machine: the yardstick for model FLOP/s."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        out = f(a)
+    out.block_until_ready()
+    return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e9
+
+
+def step_gflop(trainer) -> float | None:
+    """XLA's cost analysis of one compiled JAX train call, per train step."""
+    try:
+        cost = trainer.train_fn.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return float(cost["flops"]) / trainer.k / 1e9
+    except (AttributeError, KeyError, TypeError, IndexError):
+        return None
+
+
 def versions() -> dict:
     import flax
     import jax
@@ -100,7 +124,13 @@ def bench_experiment(cfg, train, test, repeats: int, epochs_per_repeat: int, cud
                        "per_1000_images_s": median / images * 1000, "images_per_s": images / median}
     for label, row in rows.items():
         row["jax_over_this"] = rows["jax"]["median_s"] / row["median_s"]
-    return {"images_per_repeat": images, "variants": rows}
+    gflop = step_gflop(trainers["jax"])
+    out = {"images_per_repeat": images, "variants": rows}
+    if gflop:
+        steps = images / cfg.batch_size
+        out["jax_gflop_per_step"] = gflop
+        out["jax_gflops"] = gflop * steps / rows["jax"]["median_s"]
+    return out
 
 
 def markdown(result: dict) -> str:
@@ -112,7 +142,10 @@ def markdown(result: dict) -> str:
              + f"; JAX device: {result['machine']['jax_device']}.",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".", "",
              f"Median of {result['repeats']} repeats, variants alternated within each repeat; "
-             f"time {unit}. `JAX / this` < 1 means JAX is faster.", "",
+             f"time {unit}. `JAX / this` is JAX's time over this variant's: above 1 JAX is slower, "
+             f"below 1 faster. JAX model FLOP/s is XLA's cost "
+             f"analysis of the train step over its time, against a float32 2048x2048 matmul under "
+             f"JAX in the same run: {result['matmul_peak_gflops']:.0f} GFLOP/s.", "",
              f"| experiment | variant | {unit} (s) | images/s | JAX / this | warm-up (s) |",
              "|---|---|---:|---:|---:|---:|"]
     for exp, res in result["experiments"].items():
@@ -120,6 +153,13 @@ def markdown(result: dict) -> str:
             value = row["median_s"] if unit == "per epoch" else row["per_1000_images_s"]
             lines.append(f"| {exp} | {label} | {value:.3f} | {row['images_per_s']:.0f} | "
                          f"{row['jax_over_this']:.2f} | {row['warmup_s']:.1f} |")
+    flops = [(exp, res) for exp, res in result["experiments"].items() if "jax_gflops" in res]
+    if flops:
+        lines += ["", "| experiment | JAX GFLOP per step | JAX GFLOP/s | % of matmul peak |",
+                  "|---|---:|---:|---:|"]
+        for exp, res in flops:
+            lines.append(f"| {exp} | {res['jax_gflop_per_step']:.1f} | {res['jax_gflops']:.0f} | "
+                         f"{100 * res['jax_gflops'] / result['matmul_peak_gflops']:.0f}% |")
     return "\n".join(lines) + "\n"
 
 
@@ -145,10 +185,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run.fail("the benchmark needs PyTorch: pip install -e '.[torch]'.")
     from jaxbench import data
 
+    run.enable_compile_cache()
     cuda = torch.cuda.is_available()
     info = machine(cuda)
     result = {"command": "python -m jaxbench.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": info, "versions": versions(), "repeats": args.repeats,
+              "matmul_peak_gflops": matmul_peak_gflops(),
               "unit": "per epoch" if args.epochs else "per 1,000 images", "experiments": {}}
     try:
         for name in args.exp:

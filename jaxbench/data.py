@@ -240,7 +240,6 @@ def eval_order(n: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
 def main(argv=None) -> int:
     """`python -m jaxbench.data export --exp NAME --out FILE.npz`: the prepared splits as numpy."""
     import argparse
-    import sys
 
     from jaxbench import config, run
 

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from jaxbench.config import Config, ConfigError
@@ -105,14 +106,13 @@ def cpu_name() -> str:
 def environment_info(framework: str = "jax") -> dict[str, Any]:
     """Where and with what a run happened, for summary.json."""
     import flax
-    import jax
-    import numpy
+    import jaxlib
     import optax
 
     dev = jax.devices()[0]
     versions = {"python": platform.python_version(), "jax": jax.__version__,
-                "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
-                "flax": flax.__version__, "optax": optax.__version__, "numpy": numpy.__version__}
+                "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+                "optax": optax.__version__, "numpy": np.__version__}
     try:
         import tensorflow_datasets as tfds
         versions["tfds"] = tfds.__version__
@@ -136,11 +136,12 @@ def environment_info(framework: str = "jax") -> dict[str, Any]:
 
 def fit(cfg: Config, trainer, out_dir: Path, framework: str = "jax",
         checkpoint_dir: Path | None = None, resume: bool = False, restart: bool = False,
-        environment: dict | None = None, resume_hint: str = "") -> dict:
+        environment: dict | None = None, resume_hint: str = "", extra: dict | None = None) -> dict:
     """Train every epoch, evaluate after each, keep metrics.jsonl / summary.json / checkpoints."""
     from tqdm import tqdm
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    primary = framework != "jax" or jax.process_index() == 0
     ckpts = None
     if trainer.checkpointable:
         from jaxbench.checkpoint import Checkpoints
@@ -184,10 +185,12 @@ def fit(cfg: Config, trainer, out_dir: Path, framework: str = "jax",
                **(environment or environment_info(framework)),
                "normalization": {"mean": trainer.mean.tolist(), "std": trainer.std.tolist()},
                "config": cfg.to_dict(), "train_examples": len(trainer.train),
-               "eval_examples": len(trainer.test)}
+               "eval_examples": len(trainer.test), **(extra or {})}
 
     def record() -> None:
         summary.update(summarize_history(history))
+        if not primary:  # multi-host: process 0 alone writes the run's files
+            return
         write_atomic(out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
         write_json(out_dir / "summary.json", summary)
 
@@ -200,7 +203,7 @@ def fit(cfg: Config, trainer, out_dir: Path, framework: str = "jax",
         print(f"[{cfg.name}] already finished: all {cfg.epochs} epochs are in {ckpts.directory}; "
               "nothing to do.", flush=True)
         summary["params_sha256"] = params_digest(trainer, state)
-        write_json(out_dir / "summary.json", summary)
+        record()
         ckpts.close()
         return summary
 

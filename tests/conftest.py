@@ -35,3 +35,19 @@ def synthetic_split(n: int, shape=(28, 28, 1), classes: int = 10, seed: int = 0)
     base = (labels * (200 // classes) + 20).astype(np.float32)
     images = base[:, None, None, None] + rng.normal(0, 8, (n, *shape))
     return Split(np.clip(images, 0, 255).astype(np.uint8), labels)
+
+
+@pytest.fixture
+def mock_manual_dir(tmp_path) -> Path:
+    """A manual_dir with the four Fashion-MNIST file names, for runs under tfds.testing.mock_data.
+
+    The files are never read: the mocked download_and_prepare is a no-op; they only get our own
+    offline check past its "file missing" error.
+    """
+    from jaxbench import data
+
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    for name in data.MANUAL_FILES["fashion_mnist"]:
+        (manual / name).touch()
+    return manual

@@ -7,7 +7,7 @@ import sys
 import pytest
 import tensorflow_datasets as tfds
 
-from jaxbench import data, run
+from jaxbench import run
 from conftest import REPO
 
 
@@ -44,11 +44,8 @@ def test_cli_end_to_end_on_real_data(fmnist_tfds_dir, tmp_path):
     assert s["params"] == 1_055_082 and s["eval_examples"] == 100
 
 
-def test_cli_end_to_end_with_mock_data(tmp_path):
-    manual = tmp_path / "manual"
-    manual.mkdir()
-    for name in data.MANUAL_FILES["fashion_mnist"]:
-        (manual / name).touch()
+def test_cli_end_to_end_with_mock_data(tmp_path, mock_manual_dir):
+    manual = mock_manual_dir
     with tfds.testing.mock_data(num_examples=80):
         code = run.main(["--exp", "fmnist_target", "--epochs", "1", "--batch-size", "16",
                          "--data-dir", str(tmp_path / "tfds"), "--manual-dir", str(manual),

@@ -50,7 +50,7 @@ def test_reshape_max_pool_equals_windowed_max_pool():
     np.testing.assert_allclose(g, g_ref, rtol=1e-6)
 
 
-@pytest.mark.parametrize("exp", ["fmnist_baseline", "fmnist_target"])
+@pytest.mark.parametrize("exp", ["fmnist_baseline", "fmnist_target", "fmnist_densenet"])
 def test_train_step_lowers_loss_on_a_fixed_batch(exp):
     cfg = config.load(exp)
     state = train.create_state(cfg, steps_per_epoch=10)

@@ -41,12 +41,9 @@ def test_a_damaged_file_fails_the_checksum(tmp_path):
     assert not tfds.builder("fashion_mnist", data_dir=str(tmp_path / "tfds")).is_prepared()
 
 
-def test_tfds_path_with_mock_data(tmp_path):
+def test_tfds_path_with_mock_data(tmp_path, mock_manual_dir):
     """Without the real files: tfds' own mock supplies examples through the same code path."""
-    manual = tmp_path / "manual"
-    manual.mkdir()
-    for name in data.MANUAL_FILES["fashion_mnist"]:
-        (manual / name).touch()  # never read: the mocked download_and_prepare is a no-op
+    manual = mock_manual_dir
     cfg = config.load("fmnist_baseline")
     with tfds.testing.mock_data(num_examples=96):
         train, test = data.load(cfg, str(tmp_path / "tfds"), str(manual))

@@ -1,7 +1,6 @@
 """Our tiny_imagenet tfds builder, on generated fixtures in the official layout (zip, folder, tar.gz)."""
 
 import hashlib
-import zipfile
 
 import numpy as np
 import pytest

@@ -1,0 +1,63 @@
+"""Data parallelism: two (forced host) devices train like one, BatchNorm statistics included."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from conftest import REPO
+
+SCRIPT = r"""
+import json, sys
+import jax, numpy as np
+sys.path.insert(0, "tests")
+from conftest import synthetic_split
+from jaxbench import config
+from jaxbench.train import Trainer, fetch
+
+assert jax.device_count() == 2, jax.devices()
+out = {}
+for name, cfg, n_train in [
+    # One step: the loss, the update and the BatchNorm running statistics themselves.
+    ("step", config.load("fmnist_target").replace(epochs=1, batch_size=16), 16),
+    # A trajectory: 2 epochs of 6 steps, SGD with momentum and the cosine schedule.
+    ("run", config.load("fmnist_target").replace(epochs=2, batch_size=16, optimizer="sgd",
+                                                 learning_rate=0.01, schedule="cosine"), 96),
+]:
+    for n in (1, 2):
+        t = Trainer(cfg, synthetic_split(n_train), synthetic_split(40, seed=1),
+                    devices=jax.devices()[:n])
+        state = t.init_state()
+        t.compile(state)
+        losses = []
+        for epoch in range(1, cfg.epochs + 1):
+            state, sums, _ = t.train_epoch(state, epoch)
+            losses += [t.summarize(sums)["loss"], t.evaluate(state)["loss"]]
+        out[f"{name}{n}"] = {
+            "losses": losses,
+            "stats": [fetch(x).tolist() for x in jax.tree.leaves(state.batch_stats)][:4],
+            "params": [fetch(x).ravel()[:64].tolist() for x in jax.tree.leaves(state.params)],
+            "sharding": str(state.params["Conv_0"]["kernel"].sharding.spec),
+            "devices": len(state.params["Conv_0"]["kernel"].sharding.device_set)}
+print(json.dumps(out))
+"""
+
+
+def test_two_devices_match_one():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    res = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["step2"]["devices"] == 2 and out["step2"]["sharding"] in ("P()", "PartitionSpec()")
+    one, two = out["step1"], out["step2"]
+    np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-4)
+    for a, b in zip(one["stats"], two["stats"]):  # BatchNorm running mean / var after the step
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+    # Adam's first step is ~lr * sign(g): where |g| is near eps, float noise in g shows, so compare
+    # the updated weights to 2% of the step size (lr 1e-3).
+    for a, b in zip(one["params"], two["params"]):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=2e-5)
+    np.testing.assert_allclose(out["run2"]["losses"], out["run1"]["losses"], rtol=1e-3)
