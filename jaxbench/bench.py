@@ -164,7 +164,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jaxbench.bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m jaxbench.bench", description=__doc__.split("\n")[0])
     p.add_argument("--exp", action="append", required=True, help="experiment (repeatable)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--steps", type=run.positive_int, help="time N train steps per repeat")

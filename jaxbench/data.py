@@ -83,7 +83,8 @@ def prepare(dataset: str, data_dir: str | None = None, manual_dir: str | None = 
         )
     folder = Path(manual_dir)
     if not folder.is_dir():
-        raise DataError(f"--manual-dir {manual_dir}: no such folder. It must hold {expected}.")
+        raise DataError(f"--manual-dir {manual_dir}: not a folder (missing, or a file). It must hold "
+                        f"{expected}.")
     if dataset == "fashion_mnist":
         missing = [f for f in MANUAL_FILES[dataset] if not (folder / f).is_file()]
         if missing:
@@ -243,7 +244,7 @@ def main(argv=None) -> int:
 
     from jaxbench import config, run
 
-    p = argparse.ArgumentParser(prog="python -m jaxbench.data")
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m jaxbench.data")
     p.add_argument("command", choices=["export"])
     p.add_argument("--exp", required=True)
     p.add_argument("--out", required=True, help="the .npz file to write")

@@ -82,7 +82,7 @@ def runs_table(folder: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jaxbench.report", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m jaxbench.report", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
     m = sub.add_parser("models", help="per-layer parameter tables")
     m.add_argument("--full", action="store_true", help="flax's nn.tabulate instead of Markdown")

@@ -53,7 +53,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jaxbench.run", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m jaxbench.run", description=__doc__.split("\n")[0])
     p.add_argument("--exp", help="experiment name (see --list) or path to a .toml file")
     p.add_argument("--list", action="store_true", help="list the experiments and exit")
     p.add_argument("--epochs", type=positive_int, help="override the experiment's epoch count")

@@ -71,6 +71,7 @@ def test_list_names_every_experiment():
     (["--exp", "fmnist_baseline", "--train-limit", "1.5"], "--train-limit"),
     (["--exp", "fmnist_baseline", "--seed", "-1"], "--seed: expected an integer >= 0"),
     (["--exp", "fmnist_baseline", "--bogus"], "unrecognized arguments: --bogus"),
+    (["--exp", "fmnist_baseline", "--epoch", "3"], "unrecognized arguments: --epoch"),
 ])
 def test_bad_cli_values_exit_2_without_traceback(args, message):
     res = cli(*args)
@@ -87,4 +88,4 @@ def test_data_not_available_offline_exits_2_naming_files_and_flag(tmp_path):
     assert "--manual-dir" in res.stderr and "t10k-images-idx3-ubyte.gz" in res.stderr
     res = cli("--exp", "fmnist_baseline", "--data-dir", str(tmp_path), "--manual-dir",
               str(tmp_path / "absent"))
-    assert res.returncode == 2 and "no such folder" in res.stderr
+    assert res.returncode == 2 and "not a folder" in res.stderr

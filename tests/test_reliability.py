@@ -195,7 +195,7 @@ def test_bad_arrays_file_exits_2(tmp_path):
 def test_manual_dir_that_is_a_file_or_empty_exits_2(tmp_path):
     (tmp_path / "file").write_text("x")
     (tmp_path / "empty").mkdir()
-    for manual, message in ((tmp_path / "file", "no such folder"),
+    for manual, message in ((tmp_path / "file", "not a folder"),
                             (tmp_path / "empty", "lacks train-images-idx3-ubyte.gz")):
         res = subprocess.run(cli("--exp", "fmnist_baseline", "--data-dir", str(tmp_path / "tfds"),
                                  "--manual-dir", str(manual)), cwd=REPO, capture_output=True, text=True)

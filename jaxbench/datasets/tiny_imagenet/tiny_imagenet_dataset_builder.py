@@ -111,8 +111,9 @@ def find_source(manual_dir: Path) -> tuple[str, dict[str, Reader]]:
     if kind == "folder":
         return str(where), _folder_files(where)
     if kind == "zip":
+        files = _zip_files(where)  # unsafe member paths first: the most telling refusal
         verify_zip(where)
-        return str(where), _zip_files(where)
+        return str(where), files
     return ", ".join(map(str, where)), _tar_files(where)
 
 
