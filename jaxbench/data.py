@@ -59,10 +59,6 @@ def _tfds():
     return tfds
 
 
-def builder(dataset: str, data_dir: str | None = None):
-    return _tfds().builder(dataset, data_dir=data_dir)
-
-
 def prepare(dataset: str, data_dir: str | None = None, manual_dir: str | None = None):
     """Prepare `dataset` with tfds, offline from `manual_dir` when given; return the builder.
 

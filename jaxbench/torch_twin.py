@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -272,7 +272,3 @@ class Trainer:
 
     def lr(self, state: State) -> float:
         return self.schedule(max(state.step - 1, 0))
-
-
-def versions() -> dict[str, Any]:
-    return {"torch": torch.__version__}
