@@ -29,16 +29,21 @@ from jaxbench import loop, run
 from jaxbench.config import ConfigError
 
 
-VARIANTS = {"jax": ("jax", "none"), "torch-eager": ("torch", "none"),
-            "torch-compile": ("torch", "default"), "torch-reduce-overhead": ("torch", "reduce-overhead")}
+VARIANTS = {"jax": ("jax", "none"), "jax-xla-default": ("jax", "none"), "jax-step-only": ("jax", "none"),
+            "torch-eager": ("torch", "none"), "torch-compile": ("torch", "default"),
+            "torch-reduce-overhead": ("torch", "reduce-overhead")}
 
 
 def variants(cuda: bool, only: Sequence[str] | None = None) -> list[tuple[str, str, str]]:
     """(label, framework, torch_compile) for every variant this machine can run.
 
-    reduce-overhead (CUDA graphs) exists for CUDA only. JAX always runs: ratios are against it.
+    reduce-overhead (CUDA graphs) exists for CUDA only. jax-xla-default (the same JAX program
+    compiled without `train.CPU_COMPILER_OPTIONS`: the before/after of that choice in one run)
+    exists on CPU only. jax-step-only (`StepOnly`) measures the input side. JAX always runs:
+    ratios are against it.
     """
-    labels = [k for k in VARIANTS if cuda or k != "torch-reduce-overhead"]
+    labels = [k for k in VARIANTS if (cuda or k != "torch-reduce-overhead")
+              and (not cuda or k != "jax-xla-default")]
     if only:
         labels = [k for k in labels if k in only or k == "jax"]
     return [(k, *VARIANTS[k]) for k in labels]
@@ -62,18 +67,28 @@ def machine_tag(info: dict) -> str:
 
 
 def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
-    """float32 n x n matmul throughput under JAX on this machine: the yardstick for model FLOP/s."""
+    """float32 n x n matmul throughput under JAX on this machine: the yardstick for model FLOP/s.
+
+    The best of XLA's default compile and the one the train step gets (`train.compile_lowered`):
+    on XLA:CPU they pick different matmul kernels (2-core EPYC: 183 vs 204 GFLOP/s), and a
+    yardstick below what the machine can do would flatter the model's share of it.
+    """
     import jax
     import jax.numpy as jnp
 
+    from jaxbench import train
+
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        out = f(a)
-    out.block_until_ready()
-    return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e9
+    lowered = jax.jit(lambda x: x @ x).lower(a)
+    best = 0.0
+    for f in (lowered.compile(), train.compile_lowered(lowered)):
+        f(a).block_until_ready()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            out = f(a)
+        out.block_until_ready()
+        best = max(best, 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e9)
+    return best
 
 
 def step_gflop(trainer) -> float | None:
@@ -96,11 +111,52 @@ def versions() -> dict:
             "optax": optax.__version__, "torch": torch.__version__}
 
 
+class StepOnly:
+    """The JAX train step alone, repeated on one preprocessed batch that stays on the device.
+
+    The same number of steps as a `Trainer` epoch, without the per-step gather, resize and
+    normalization, the index transfer and the host loop's bookkeeping: an epoch with a free input
+    side. 1 - (its time / the jax variant's) is the input side's share of epoch time.
+    """
+
+    def __init__(self, trainer):
+        self.trainer, self.steps_per_epoch = trainer, trainer.steps_per_epoch
+
+    def init_state(self):
+        return self.trainer.init_state()
+
+    def compile(self, state) -> float:
+        import jax
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        from jaxbench import data, train
+
+        t0 = time.perf_counter()
+        t, b = self.trainer, self.trainer.cfg.batch_size
+        images, labels = t.dev["train"]
+        batch = NamedSharding(t.mesh, PartitionSpec("data"))
+        self.x = jax.device_put(data.preprocess(images[:b], t.mean, t.std, t.cfg.image_size), batch)
+        self.y = jax.device_put(labels[:b], batch)
+        step = jax.jit(train.train_step, donate_argnums=0)
+        self.fn = train.compile_lowered(step.lower(state, self.x, self.y), t.tuned)
+        return time.perf_counter() - t0
+
+    def train_epoch(self, state, epoch: int):
+        import jax
+
+        for _ in range(self.steps_per_epoch):
+            state, _ = self.fn(state, self.x, self.y)
+        return jax.block_until_ready(state), None, self.steps_per_epoch
+
+
 def bench_experiment(cfg, train, test, repeats: int, epochs_per_repeat: int, cuda: bool,
                      only: Sequence[str] | None = None, log=print) -> dict:
     trainers, states, warm = {}, {}, {}
     for label, framework, mode in variants(cuda, only):
-        trainer = run.make_trainer(framework, cfg, train, test, torch_compile=mode)
+        trainer = run.make_trainer(framework, cfg, train, test, torch_compile=mode,
+                                   xla_tuned=label != "jax-xla-default")
+        if label == "jax-step-only":
+            trainer = StepOnly(trainer)
         state = trainer.init_state()
         t0 = time.perf_counter()
         compile_s = trainer.compile(state)
@@ -126,6 +182,8 @@ def bench_experiment(cfg, train, test, repeats: int, epochs_per_repeat: int, cud
         row["jax_over_this"] = rows["jax"]["median_s"] / row["median_s"]
     gflop = step_gflop(trainers["jax"])
     out = {"images_per_repeat": images, "variants": rows}
+    if "jax-step-only" in rows:
+        out["input_share"] = 1 - rows["jax-step-only"]["median_s"] / rows["jax"]["median_s"]
     if gflop:
         steps = images / cfg.batch_size
         out["jax_gflop_per_step"] = gflop
@@ -143,9 +201,11 @@ def markdown(result: dict) -> str:
              "Versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".", "",
              f"Median of {result['repeats']} repeats, variants alternated within each repeat; "
              f"time {unit}. `JAX / this` is JAX's time over this variant's: above 1 JAX is slower, "
-             f"below 1 faster. JAX model FLOP/s is XLA's cost "
-             f"analysis of the train step over its time, against a float32 2048x2048 matmul under "
-             f"JAX in the same run: {result['matmul_peak_gflops']:.0f} GFLOP/s.", "",
+             f"below 1 faster. `jax-xla-default` is the same JAX program compiled without "
+             f"`train.CPU_COMPILER_OPTIONS`. JAX model FLOP/s is XLA's cost analysis of the train "
+             f"step over its time, against a float32 2048x2048 matmul under JAX in the same run "
+             f"(the faster of XLA's default and the tuned compile): "
+             f"{result['matmul_peak_gflops']:.0f} GFLOP/s.", "",
              f"| experiment | variant | {unit} (s) | images/s | JAX / this | warm-up (s) |",
              "|---|---|---:|---:|---:|---:|"]
     for exp, res in result["experiments"].items():
@@ -155,11 +215,20 @@ def markdown(result: dict) -> str:
                          f"{row['jax_over_this']:.2f} | {row['warmup_s']:.1f} |")
     flops = [(exp, res) for exp, res in result["experiments"].items() if "jax_gflops" in res]
     if flops:
-        lines += ["", "| experiment | JAX GFLOP per step | JAX GFLOP/s | % of matmul peak |",
-                  "|---|---:|---:|---:|"]
+        peak = result["matmul_peak_gflops"]
+        lines += ["", "`jax` GFLOP/s counts the whole epoch; `step only` the train step alone on a "
+                  "device-resident batch (`jax-step-only`). Input side: 1 - step-only time / "
+                  "jax time.", "",
+                  "| experiment | GFLOP per step | jax GFLOP/s | % of peak | step only GFLOP/s | "
+                  "% of peak | input side |", "|---|---:|---:|---:|---:|---:|---:|"]
         for exp, res in flops:
+            only = res["variants"].get("jax-step-only")
+            pure = res["jax_gflops"] * res["variants"]["jax"]["median_s"] / only["median_s"] \
+                if only else None
+            extra = (f"{pure:.0f} | {100 * pure / peak:.0f}% | {100 * res['input_share']:.1f}%"
+                     if only else "- | - | -")
             lines.append(f"| {exp} | {res['jax_gflop_per_step']:.1f} | {res['jax_gflops']:.0f} | "
-                         f"{100 * res['jax_gflops'] / result['matmul_peak_gflops']:.0f}% |")
+                         f"{100 * res['jax_gflops'] / peak:.0f}% | {extra} |")
     return "\n".join(lines) + "\n"
 
 
@@ -194,7 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               "unit": "per epoch" if args.epochs else "per 1,000 images", "experiments": {}}
     try:
         for name in args.exp:
-            cfg = config_lib.load(name).replace(batch_size=args.batch_size, seed=args.seed)
+            cfg = config_lib.load(name).replace(batch_size=args.batch_size, seed=args.seed,
+                                                dtype=args.dtype)
             limit = args.train_limit or (steps * cfg.batch_size if steps else None)
             cfg = cfg.replace(train_limit=limit, eval_limit=args.eval_limit or cfg.batch_size)
             train, test = data.load(cfg, args.data_dir, args.manual_dir, args.arrays)

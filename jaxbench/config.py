@@ -15,6 +15,7 @@ DATASETS = {"fashion_mnist": 10, "tiny_imagenet": 200}
 MODELS = ("baseline", "target", "densenet")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine")
+DTYPES = ("float32", "bfloat16")  # compute dtype; parameters and optimizer state stay float32
 
 
 class ConfigError(ValueError):
@@ -39,6 +40,7 @@ class Config:
     eval_split: str = "test"
     train_limit: int | None = None
     eval_limit: int | None = None
+    dtype: str = "float32"
 
     @property
     def num_classes(self) -> int:
@@ -102,6 +104,7 @@ def validate(cfg: Config, where: str = "config") -> Config:
     need(cfg.model in MODELS, f"model must be one of {MODELS}, got {cfg.model!r}.")
     need(cfg.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {cfg.optimizer!r}.")
     need(cfg.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {cfg.schedule!r}.")
+    need(cfg.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {cfg.dtype!r}.")
     for key in ("batch_size", "epochs", "image_size"):
         value = getattr(cfg, key)
         need(isinstance(value, int) and value > 0, f"{key} must be a positive integer, got {value!r}.")

@@ -129,9 +129,12 @@ def environment_info(framework: str = "jax") -> dict[str, Any]:
         return {"device": {"platform": "cpu", "name": "cpu", "count": 1, "cpu": cpu_name(),
                            "cores": os.cpu_count(), "threads": torch.get_num_threads()},
                 "versions": versions}
+    from jaxbench.train import CPU_COMPILER_OPTIONS
+
     return {"device": {"platform": dev.platform, "name": dev.device_kind,
                        "count": jax.device_count(), "cpu": cpu_name(), "cores": os.cpu_count()},
-            "versions": versions}
+            "versions": versions,
+            "xla_compiler_options": CPU_COMPILER_OPTIONS if dev.platform == "cpu" else {}}
 
 
 def fit(cfg: Config, trainer, out_dir: Path, framework: str = "jax",

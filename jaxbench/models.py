@@ -13,7 +13,7 @@ Widths, chosen to land on the paper's totals (exact counts in the README, from `
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -25,16 +25,26 @@ BN_EPSILON = 1e-5
 TARGET_BLOCKS: tuple[tuple[int, ...], ...] = ((64,), (128, 128), (256, 256), (512,))
 
 
-def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
-    """2x2/stride-2 max pool as reshape + max.
+def wide(dtype: Any) -> Any:
+    """float32 for bfloat16 compute (logits, pooled features); float64 stays float64 (tests)."""
+    return jnp.promote_types(dtype, jnp.float32)
 
-    Equal to `nn.max_pool(x, (2, 2), (2, 2))` in value. Its gradient lowers to plain
-    compare/select ops instead of `select_and_scatter`, which is a slow path on XLA:CPU.
-    Gradients differ from the windowed op only on exact ties inside a window (split evenly rather
+
+def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
+    """2x2/stride-2 max pool as reshape + elementwise maxima.
+
+    Equal to `nn.max_pool(x, (2, 2), (2, 2))` in value. Written without a reduction on purpose:
+    the windowed op's gradient lowers to `select_and_scatter`, a slow path on XLA:CPU, and a
+    `max` reduce over the window axes runs as a slow YNNPACK reduce fusion under
+    `train.CPU_COMPILER_OPTIONS` (BaselineCNN fwd+bwd on the 2-core CPU: 25.1 ms with
+    `.max(axis=(2, 4))` vs 21.1 ms with this form; results/speed/xla_cpu_probe.md). Gradients
+    differ from the windowed op only on exact ties inside a window (split between them rather
     than given to one element); after a ReLU such ties are zeros, whose gradient ReLU discards.
     """
     n, h, w, c = x.shape
-    return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+    x = x.reshape(n, h // 2, 2, w // 2, 2, c)
+    rows = jnp.maximum(x[:, :, 0], x[:, :, 1])
+    return jnp.maximum(rows[:, :, :, 0], rows[:, :, :, 1])
 
 
 class BaselineCNN(nn.Module):
@@ -43,16 +53,17 @@ class BaselineCNN(nn.Module):
     num_classes: int
     widths: Sequence[int] = (16, 32)
     hidden: int = 128
+    dtype: Any = jnp.float32  # compute dtype; parameters stay float32 (flax's param_dtype)
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = True) -> jnp.ndarray:
         del train  # no normalization, no dropout: the flag exists for a uniform model interface
         for width in self.widths:
-            x = nn.Conv(width, (3, 3), padding="SAME")(x)
+            x = nn.Conv(width, (3, 3), padding="SAME", dtype=self.dtype)(x)
             x = max_pool_2x2(nn.relu(x))
         x = x.reshape(x.shape[0], -1)
-        x = nn.relu(nn.Dense(self.hidden)(x))
-        return nn.Dense(self.num_classes)(x)
+        x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype)(x))
+        return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(wide(self.dtype))
 
 
 class TargetCNN(nn.Module):
@@ -61,25 +72,26 @@ class TargetCNN(nn.Module):
     num_classes: int
     blocks: Sequence[Sequence[int]] = TARGET_BLOCKS
     hidden: int = 256
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = True) -> jnp.ndarray:
         for i, block in enumerate(self.blocks):
             for width in block:
                 # No conv bias: the BatchNorm that follows has its own shift.
-                x = nn.Conv(width, (3, 3), padding="SAME", use_bias=False)(x)
-                x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
-                                 epsilon=BN_EPSILON)(x)
-                x = nn.relu(x)
+                x = nn.Conv(width, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype)(x)
+                x = nn.relu(bn(train, self.dtype)(x))
             if i < len(self.blocks) - 1:
                 x = max_pool_2x2(x)
-        x = x.mean(axis=(1, 2))
-        x = nn.relu(nn.Dense(self.hidden)(x))
-        return nn.Dense(self.num_classes)(x)
+        x = x.mean(axis=(1, 2), dtype=wide(self.dtype))
+        x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype)(x))
+        return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(wide(self.dtype))
 
 
-def bn(train: bool) -> nn.BatchNorm:
-    return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON)
+def bn(train: bool, dtype: Any = jnp.float32) -> nn.BatchNorm:
+    """BatchNorm as PyTorch sets it; flax computes its statistics in float32 whatever `dtype`."""
+    return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                        dtype=dtype)
 
 
 class DenseLayer(nn.Module):
@@ -87,22 +99,27 @@ class DenseLayer(nn.Module):
 
     growth: int
     bottleneck: int = 4
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        y = nn.Conv(self.bottleneck * self.growth, (1, 1), use_bias=False)(nn.relu(bn(train)(x)))
-        y = nn.Conv(self.growth, (3, 3), padding="SAME", use_bias=False)(nn.relu(bn(train)(y)))
-        return jnp.concatenate([x, y], axis=-1)
+        y = nn.Conv(self.bottleneck * self.growth, (1, 1), use_bias=False, dtype=self.dtype)(
+            nn.relu(bn(train, self.dtype)(x)))
+        y = nn.Conv(self.growth, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype)(
+            nn.relu(bn(train, self.dtype)(y)))
+        return jnp.concatenate([x.astype(y.dtype), y], axis=-1)
 
 
 class Transition(nn.Module):
     """BN -> ReLU -> Conv1x1 (compressing channels) -> 2x2 average pool."""
 
     channels: int
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        x = nn.Conv(self.channels, (1, 1), use_bias=False)(nn.relu(bn(train)(x)))
+        x = nn.Conv(self.channels, (1, 1), use_bias=False, dtype=self.dtype)(
+            nn.relu(bn(train, self.dtype)(x)))
         n, h, w, c = x.shape
         return x.reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
 
@@ -121,26 +138,28 @@ class DenseNetBC(nn.Module):
     growth: int = 24
     blocks: Sequence[int] = (6, 12, 18, 8)
     compression: float = 0.5
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = True) -> jnp.ndarray:
-        x = nn.Conv(2 * self.growth, (3, 3), padding="SAME", use_bias=False)(x)
-        x = max_pool_2x2(nn.relu(bn(train)(x)))
+        x = nn.Conv(2 * self.growth, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype)(x)
+        x = max_pool_2x2(nn.relu(bn(train, self.dtype)(x)))
         for i, layers in enumerate(self.blocks):
             for _ in range(layers):
-                x = DenseLayer(self.growth)(x, train)
+                x = DenseLayer(self.growth, dtype=self.dtype)(x, train)
             if i < len(self.blocks) - 1:
-                x = Transition(int(x.shape[-1] * self.compression))(x, train)
-        x = nn.relu(bn(train)(x)).mean(axis=(1, 2))
-        return nn.Dense(self.num_classes)(x)
+                x = Transition(int(x.shape[-1] * self.compression), dtype=self.dtype)(x, train)
+        x = nn.relu(bn(train, self.dtype)(x)).mean(axis=(1, 2), dtype=wide(self.dtype))
+        return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(wide(self.dtype))
 
 
-def build(name: str, num_classes: int) -> nn.Module:
-    """Model by the experiment's `model` key."""
+def build(name: str, num_classes: int, dtype: str = "float32") -> nn.Module:
+    """Model by the experiment's `model` key, computing in `dtype` (the experiment's `dtype`)."""
+    dtype = jnp.dtype(dtype)
     if name == "baseline":
-        return BaselineCNN(num_classes)
+        return BaselineCNN(num_classes, dtype=dtype)
     if name == "target":
-        return TargetCNN(num_classes)
+        return TargetCNN(num_classes, dtype=dtype)
     if name == "densenet":
-        return DenseNetBC(num_classes)
+        return DenseNetBC(num_classes, dtype=dtype)
     raise ValueError(f"unknown model {name!r}")

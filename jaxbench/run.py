@@ -50,6 +50,10 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-limit", type=positive_int, help="use only the first N eval examples")
     parser.add_argument("--batch-size", type=positive_int, help="override the experiment's batch size")
     parser.add_argument("--seed", type=non_negative_int, help="override the experiment's seed")
+    parser.add_argument("--dtype", choices=config_lib.DTYPES,
+                        help="compute dtype (default: the experiment's, float32). bfloat16 runs "
+                        "convolutions and matmuls in bfloat16 (JAX: flax dtype; PyTorch: autocast) "
+                        "with float32 parameters, optimizer state, BatchNorm statistics and loss")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -90,7 +94,8 @@ def list_experiments() -> str:
 def resolve(args: argparse.Namespace) -> config_lib.Config:
     cfg = config_lib.load(args.exp)
     return cfg.replace(epochs=getattr(args, "epochs", None), batch_size=args.batch_size,
-                       seed=args.seed, train_limit=args.train_limit, eval_limit=args.eval_limit)
+                       seed=args.seed, train_limit=args.train_limit, eval_limit=args.eval_limit,
+                       dtype=args.dtype)
 
 
 def enable_compile_cache() -> str | None:
@@ -118,12 +123,12 @@ def run_name(exp: str, framework: str, torch_compile: str = "none") -> str:
 
 
 def make_trainer(framework: str, cfg: config_lib.Config, train, test, steps_per_call=None,
-                 torch_compile: str = "none"):
+                 torch_compile: str = "none", xla_tuned: bool = True):
     """The JAX Trainer or its PyTorch twin; both serve `fit` and the benchmark alike."""
     if framework == "jax":
         from jaxbench.train import Trainer
 
-        return Trainer(cfg, train, test, steps_per_call=steps_per_call)
+        return Trainer(cfg, train, test, steps_per_call=steps_per_call, tuned=xla_tuned)
     try:
         from jaxbench import torch_twin
     except ImportError:

@@ -10,6 +10,7 @@ start from the same distribution; layouts are PyTorch's NCHW.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable
 
@@ -164,6 +165,10 @@ class Trainer:
 
     def __post_init__(self):
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        # cfg.dtype bfloat16: autocast, PyTorch's counterpart of flax's compute dtype (float32
+        # parameters and optimizer state; autocast keeps BatchNorm and the loss in float32).
+        self.autocast = functools.partial(torch.autocast, self.device, dtype=torch.bfloat16,
+                                          enabled=self.cfg.dtype == "bfloat16")
         self.mean, self.std = data.channel_stats(self.train.images)
         self.steps_per_epoch = len(self.train) // self.cfg.batch_size
         self.schedule = make_schedule(self.cfg, self.steps_per_epoch)
@@ -198,7 +203,8 @@ class Trainer:
         x, y = self._batch("train", idx)
         for group in state.optimizer.param_groups:
             group["lr"] = self.schedule(state.step)
-        logits = state.step_model(x)
+        with self.autocast():
+            logits = state.step_model(x).float()
         loss = F.cross_entropy(logits, y, reduction="sum")
         state.optimizer.zero_grad(set_to_none=True)
         (loss / len(y)).backward()
@@ -257,7 +263,8 @@ class Trainer:
         correct = torch.zeros((), dtype=torch.long, device=self.device)
         for idx, mask in zip(self.eval_idx, self.eval_mask):
             x, y = self._batch("test", idx)
-            logits = state.model(x)
+            with self.autocast():
+                logits = state.model(x).float()
             m = torch.from_numpy(mask).to(self.device)
             loss_sum += (F.cross_entropy(logits, y, reduction="none") * m).sum()
             correct += ((logits.argmax(1) == y) & m).sum()

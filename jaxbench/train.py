@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+import warnings
 from typing import Any, Callable, Iterator
 
 import jax
@@ -33,6 +34,32 @@ from jaxbench import data, models
 from jaxbench.config import Config, ConfigError
 
 Metrics = dict[str, jax.Array]  # sums over examples: loss, correct, count (+ steps, bad in training)
+
+# XLA:CPU hands convolutions, dots, reductions and elementwise ops to YNNPACK fusions by default.
+# For these CNNs its convolutions (above all the weight-gradient ones, lowered as convolutions
+# with a 64x64 window) split poorly over the cores: the 2-core machine's threads sat idle ~45% of
+# a TargetCNN step. Keeping YNNPACK for reductions only (BatchNorm statistics) and leaving the
+# convolutions to XLA's own Eigen kernels measured, fwd+bwd at batch 32 on that machine
+# (results/speed/xla_cpu_probe.md): TargetCNN 835.7 -> 670.2 ms, BaselineCNN 25.9 -> 21.1 ms;
+# YNNPACK off entirely was slower for TargetCNN (922.2 ms). The results differ from the default
+# compile's only by float summation order (tests/test_speed_numerics.py).
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+def compile_lowered(lowered: Any, tuned: bool = True) -> Any:
+    """Compile with `CPU_COMPILER_OPTIONS` on CPU when `tuned`; plain XLA defaults otherwise.
+
+    The option is experimental in XLA: a jaxlib that no longer knows it gets the default
+    compile, with a warning, rather than a failed run.
+    """
+    if not tuned or jax.default_backend() != "cpu":
+        return lowered.compile()
+    try:
+        return lowered.compile(compiler_options=CPU_COMPILER_OPTIONS)
+    except jax.errors.JaxRuntimeError as err:
+        warnings.warn(f"XLA rejected {CPU_COMPILER_OPTIONS} ({str(err).splitlines()[0]}); "
+                      "compiling with XLA's defaults, which ran slower on CPU.", stacklevel=2)
+        return lowered.compile()
 
 
 class Diverged(RuntimeError):
@@ -69,7 +96,7 @@ def create_state(cfg: Config, steps_per_epoch: int, model: Any = None,
     Pass the same `model` and `tx` objects to get states that fit one compiled step (they are
     static parts of the state's pytree).
     """
-    model = model or models.build(cfg.model, cfg.num_classes)
+    model = model or models.build(cfg.model, cfg.num_classes, cfg.dtype)
     tx = tx or make_optimizer(cfg, make_schedule(cfg, steps_per_epoch))
     dummy = jnp.zeros((1, cfg.image_size, cfg.image_size, 3), jnp.float32)
     variables = model.init(jax.random.key(cfg.seed), dummy, train=False)
@@ -214,6 +241,7 @@ class Trainer:
     test: data.Split
     steps_per_call: int | None = None  # None: 1 on CPU, 50 elsewhere (see the module docstring)
     devices: list | None = None  # None: every device of every process
+    tuned: bool = True  # CPU_COMPILER_OPTIONS on CPU; False: XLA's defaults (the benchmark's baseline)
 
     def __post_init__(self):
         if self.steps_per_call is None:
@@ -228,7 +256,7 @@ class Trainer:
         self.mean, self.std = data.channel_stats(self.train.images)
         self.steps_per_epoch = len(self.train) // self.cfg.batch_size
         self.schedule = make_schedule(self.cfg, self.steps_per_epoch)
-        self.model = models.build(self.cfg.model, self.cfg.num_classes)
+        self.model = models.build(self.cfg.model, self.cfg.num_classes, self.cfg.dtype)
         self.tx = make_optimizer(self.cfg, self.schedule)
         self.k = max(1, min(self.steps_per_call, self.steps_per_epoch))
         self.steps = make_steps(self.mean, self.std, self.cfg.image_size)
@@ -268,12 +296,13 @@ class Trainer:
         b = self.cfg.batch_size
         idx = self.shard(np.zeros((self.k, b), np.int32))
         valid = jax.device_put(np.ones(self.k, bool), self.replicated)
-        self.train_fn = self.steps.train.lower(state, self.zero_sums(), *self.dev["train"], idx,
-                                               valid).compile()
+        self.train_fn = compile_lowered(
+            self.steps.train.lower(state, self.zero_sums(), *self.dev["train"], idx, valid),
+            self.tuned)
         eidx = self.shard(np.zeros((self.eval_k, b), np.int32))
-        self.eval_fn = self.steps.evaluate.lower(
+        self.eval_fn = compile_lowered(self.steps.evaluate.lower(
             state, self.eval_zero(), *self.dev["test"], eidx,
-            self.shard(np.ones((self.eval_k, b), bool))).compile()
+            self.shard(np.ones((self.eval_k, b), bool))), self.tuned)
         return time.perf_counter() - t0
 
     def train_epoch(self, state: TrainState, epoch: int, sums: Metrics | None = None,

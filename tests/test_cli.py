@@ -7,7 +7,7 @@ import sys
 import pytest
 import tensorflow_datasets as tfds
 
-from jaxbench import run
+from jaxbench import run, train
 from conftest import REPO
 
 
@@ -42,17 +42,21 @@ def test_cli_end_to_end_on_real_data(fmnist_tfds_dir, tmp_path):
     assert "epoch 2/2" in res.stdout
     s = check_outputs(tmp_path, "fmnist_baseline", 2)
     assert s["params"] == 1_055_082 and s["eval_examples"] == 100
+    assert s["config"]["dtype"] == "float32"
+    if s["device"]["platform"] == "cpu":  # the kernel choice that shapes CPU speed is on record
+        assert s["xla_compiler_options"] == train.CPU_COMPILER_OPTIONS
 
 
 def test_cli_end_to_end_with_mock_data(tmp_path, mock_manual_dir):
     manual = mock_manual_dir
     with tfds.testing.mock_data(num_examples=80):
         code = run.main(["--exp", "fmnist_target", "--epochs", "1", "--batch-size", "16",
-                         "--data-dir", str(tmp_path / "tfds"), "--manual-dir", str(manual),
+                         "--dtype", "bfloat16", "--data-dir", str(tmp_path / "tfds"), "--manual-dir", str(manual),
                          "--out", str(tmp_path / "out")])
     assert code == 0
     s = check_outputs(tmp_path / "out", "fmnist_target", 1)
     assert s["params"] == 2_423_882 and s["config"]["batch_size"] == 16
+    assert s["config"]["dtype"] == "bfloat16"
 
 
 def test_list_names_every_experiment():
@@ -72,6 +76,7 @@ def test_list_names_every_experiment():
     (["--exp", "fmnist_baseline", "--seed", "-1"], "--seed: expected an integer >= 0"),
     (["--exp", "fmnist_baseline", "--bogus"], "unrecognized arguments: --bogus"),
     (["--exp", "fmnist_baseline", "--epoch", "3"], "unrecognized arguments: --epoch"),
+    (["--exp", "fmnist_baseline", "--dtype", "float16"], "--dtype: invalid choice: 'float16'"),
 ])
 def test_bad_cli_values_exit_2_without_traceback(args, message):
     res = cli(*args)

@@ -1,12 +1,15 @@
 """The speed-minded lowerings compute what the textbook formulation computes."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
-from jaxbench import models
+from jaxbench import models, train
 
 
 class ReferenceBaseline(nn.Module):
@@ -42,3 +45,61 @@ def test_optimized_baseline_step_matches_the_reference_formulation():
     np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(new_ref)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["baseline", "target"])
+def test_cpu_compiler_options_compute_the_same_step(name):
+    """train.CPU_COMPILER_OPTIONS change which kernels XLA:CPU uses, not what a step computes.
+
+    Judged against the same step in float64: the tuned compile's loss and gradients must be as
+    close to it as the default compile's are (BatchNorm's backward cancels terms, so float32
+    summation order alone moves some gradient entries by ~1e-3 relative).
+    """
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(8, 64, 64, 3)).astype(np.float32)
+    y = jnp.asarray(rng.integers(0, 10, 8))
+    model = models.build(name, 10)
+    variables = model.init(jax.random.key(0), x[:1], train=False)
+
+    def loss_and_grad(params, x, model=model):
+        def loss_fn(p):
+            logits, _ = model.apply({**variables, "params": p}, x, train=True,
+                                    mutable=["batch_stats"])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        return jax.value_and_grad(loss_fn)(params)
+
+    lowered = jax.jit(loss_and_grad).lower(variables["params"], x)
+    tuned = train.compile_lowered(lowered, tuned=True)
+    if jax.default_backend() == "cpu":  # the options took effect: no YNNPACK convolutions left
+        assert "convolution" in tuned.as_text() and "ynn" not in _conv_lines(tuned.as_text())
+    ours = tuned(variables["params"], x)
+    default = lowered.compile()(variables["params"], x)
+    with jax.enable_x64(True):
+        exact = jax.jit(functools.partial(loss_and_grad, model=models.build(name, 10, "float64")))(
+            jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"]),
+            x.astype(np.float64))
+        exact = jax.tree.map(np.asarray, exact)  # float64 numpy, usable outside the context
+    assert exact[0].dtype == np.float64
+    def errors(result):
+        loss, grads = result
+        return [abs(float(loss) - float(exact[0]))] + [
+            float(np.linalg.norm(np.asarray(g, np.float64) - e) / np.linalg.norm(e))
+            for g, e in zip(jax.tree.leaves(grads), jax.tree.leaves(exact[1]))]
+    for ours_err, default_err in zip(errors(ours), errors(default)):
+        assert ours_err <= 3 * default_err + 1e-5
+
+
+def _conv_lines(hlo: str) -> str:
+    return "\n".join(line for line in hlo.splitlines() if " convolution(" in line)
+
+
+def test_a_rejected_compiler_option_falls_back_to_xla_defaults(monkeypatch):
+    """A future jaxlib without the experimental option still trains, and says why it is slower."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the options apply to XLA:CPU only")
+    monkeypatch.setattr(train, "CPU_COMPILER_OPTIONS",
+                        {"xla_cpu_experimental_ynn_fusion_type": "NOT_A_FUSION_TYPE"})
+    lowered = jax.jit(lambda a: a * 2).lower(jnp.ones(3))
+    with pytest.warns(UserWarning, match="compiling with XLA's defaults"):
+        compiled = train.compile_lowered(lowered)
+    np.testing.assert_array_equal(compiled(jnp.ones(3)), 2 * np.ones(3))

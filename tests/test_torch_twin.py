@@ -40,9 +40,10 @@ def test_preprocessing_matches_jax(shape):
     np.testing.assert_allclose(twin, ours, atol=1e-4)
 
 
-@pytest.mark.parametrize("exp", ["fmnist_baseline", "tiny_target"])
-def test_a_torch_train_step_lowers_the_loss(exp):
-    cfg = config.load(exp).replace(batch_size=16)
+@pytest.mark.parametrize("exp,dtype", [("fmnist_baseline", "float32"),
+                                       ("tiny_target", "float32"), ("tiny_target", "bfloat16")])
+def test_a_torch_train_step_lowers_the_loss(exp, dtype):
+    cfg = config.load(exp).replace(batch_size=16, dtype=dtype)
     shape = (28, 28, 1) if cfg.dataset == "fashion_mnist" else (64, 64, 3)
     split = synthetic_split(16, shape=shape, classes=cfg.num_classes)
     trainer = torch_twin.Trainer(cfg, split, split)
@@ -75,7 +76,8 @@ def test_benchmark_on_a_small_limit_writes_json(tmp_path, mock_manual_dir):
     manual = mock_manual_dir
     with tfds.testing.mock_data(num_examples=64):
         code = bench.main(["--exp", "fmnist_baseline", "--steps", "2", "--repeats", "2",
-                           "--batch-size", "16", "--variants", "torch-eager",
+                           "--batch-size", "16", "--variants",
+                           "torch-eager,jax-step-only,jax-xla-default",
                            "--data-dir", str(tmp_path / "tfds"), "--manual-dir", str(manual),
                            "--out", str(tmp_path / "speed")])
     assert code == 0
@@ -84,11 +86,14 @@ def test_benchmark_on_a_small_limit_writes_json(tmp_path, mock_manual_dir):
     assert {"machine", "versions", "repeats", "unit", "experiments", "command"} <= set(result)
     assert {"cpu", "cores"} <= set(result["machine"]) and "torch" in result["versions"]
     rows = result["experiments"]["fmnist_baseline"]["variants"]
-    assert set(rows) == {"jax", "torch-eager"}
+    assert set(rows) == {"jax", "torch-eager", "jax-step-only", "jax-xla-default"}
     for row in rows.values():
         assert len(row["times_s"]) == 2 and row["median_s"] > 0 and row["images_per_s"] > 0
         assert {"per_1000_images_s", "jax_over_this", "warmup_s", "compile_s"} <= set(row)
     assert rows["jax"]["jax_over_this"] == 1.0
     md = path.with_suffix(".md").read_text()
     assert md.count("| fmnist_baseline | jax |") == md.count("| fmnist_baseline | torch-eager |") == 1
-    assert "% of matmul peak" in md and result["matmul_peak_gflops"] > 0
+    assert "% of peak" in md and result["matmul_peak_gflops"] > 0
+    # The input side's share: the step alone on a resident batch is not slower than the epoch.
+    share = result["experiments"]["fmnist_baseline"]["input_share"]
+    assert -0.5 < share < 1 and "input side" in md
