@@ -50,9 +50,10 @@ def test_reshape_max_pool_equals_windowed_max_pool():
     np.testing.assert_allclose(g, g_ref, rtol=1e-6)
 
 
-@pytest.mark.parametrize("exp", ["fmnist_baseline", "fmnist_target", "fmnist_densenet"])
-def test_train_step_lowers_loss_on_a_fixed_batch(exp):
-    cfg = config.load(exp)
+@pytest.mark.parametrize("exp,dtype", [("fmnist_baseline", "float32"), ("fmnist_target", "float32"),
+                                       ("fmnist_densenet", "float32"), ("fmnist_target", "bfloat16")])
+def test_train_step_lowers_loss_on_a_fixed_batch(exp, dtype):
+    cfg = config.load(exp).replace(dtype=dtype)
     state = train.create_state(cfg, steps_per_epoch=10)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(16, 64, 64, 3)).astype(np.float32))
@@ -64,3 +65,6 @@ def test_train_step_lowers_loss_on_a_fixed_batch(exp):
         losses.append(float(m["loss"]) / 16)
     assert losses[-1] < losses[0] * 0.9, losses
     assert int(state.step) == 5
+    # bfloat16 is compute only: parameters, optimizer state and BatchNorm statistics stay float32.
+    for leaf in jax.tree.leaves((state.params, state.opt_state, state.batch_stats)):
+        assert leaf.dtype in (jnp.float32, jnp.int32), leaf.dtype

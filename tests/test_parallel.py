@@ -20,8 +20,11 @@ from jaxbench.train import Trainer, fetch
 assert jax.device_count() == 2, jax.devices()
 out = {}
 for name, cfg, n_train in [
-    # One step: the loss, the update and the BatchNorm running statistics themselves.
-    ("step", config.load("fmnist_target").replace(epochs=1, batch_size=16), 16),
+    # One step: the loss, the update and the BatchNorm running statistics themselves. Plain SGD,
+    # whose update is -lr * g: Adam's first step is lr * sign(g), which flips on float noise
+    # wherever a gradient entry is ~0 and would hide how closely the gradients agree.
+    ("step", config.load("fmnist_target").replace(epochs=1, batch_size=16, optimizer="sgd",
+                                                  learning_rate=0.1), 16),
     # A trajectory: 2 epochs of 6 steps, SGD with momentum and the cosine schedule.
     ("run", config.load("fmnist_target").replace(epochs=2, batch_size=16, optimizer="sgd",
                                                  learning_rate=0.01, schedule="cosine"), 96),
@@ -30,6 +33,7 @@ for name, cfg, n_train in [
         t = Trainer(cfg, synthetic_split(n_train), synthetic_split(40, seed=1),
                     devices=jax.devices()[:n])
         state = t.init_state()
+        start = [fetch(x).ravel()[:64] for x in jax.tree.leaves(state.params)]
         t.compile(state)
         losses = []
         for epoch in range(1, cfg.epochs + 1):
@@ -38,7 +42,8 @@ for name, cfg, n_train in [
         out[f"{name}{n}"] = {
             "losses": losses,
             "stats": [fetch(x).tolist() for x in jax.tree.leaves(state.batch_stats)][:4],
-            "params": [fetch(x).ravel()[:64].tolist() for x in jax.tree.leaves(state.params)],
+            "updates": [(fetch(x).ravel()[:64] - p0).tolist()
+                        for x, p0 in zip(jax.tree.leaves(state.params), start)],
             "sharding": str(state.params["Conv_0"]["kernel"].sharding.spec),
             "devices": len(state.params["Conv_0"]["kernel"].sharding.device_set)}
 print(json.dumps(out))
@@ -56,8 +61,10 @@ def test_two_devices_match_one():
     np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-4)
     for a, b in zip(one["stats"], two["stats"]):  # BatchNorm running mean / var after the step
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
-    # Adam's first step is ~lr * sign(g): where |g| is near eps, float noise in g shows, so compare
-    # the updated weights to 2% of the step size (lr 1e-3).
-    for a, b in zip(one["params"], two["params"]):
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=2e-5)
+    # Each tensor's update (-lr * its gradient), relative to its norm: BatchNorm's backward cancels
+    # terms, so the two-device reduction order moves a tensor's update by up to ~5e-3 of its norm
+    # (median 7e-4) on these noise images.
+    for a, b in zip(one["updates"], two["updates"]):
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.linalg.norm(b - a) <= 2e-2 * np.linalg.norm(a) + 1e-8, (a, b)
     np.testing.assert_allclose(out["run2"]["losses"], out["run1"]["losses"], rtol=1e-3)
