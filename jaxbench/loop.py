@@ -129,12 +129,9 @@ def environment_info(framework: str = "jax") -> dict[str, Any]:
         return {"device": {"platform": "cpu", "name": "cpu", "count": 1, "cpu": cpu_name(),
                            "cores": os.cpu_count(), "threads": torch.get_num_threads()},
                 "versions": versions}
-    from jaxbench.train import CPU_COMPILER_OPTIONS
-
     return {"device": {"platform": dev.platform, "name": dev.device_kind,
                        "count": jax.device_count(), "cpu": cpu_name(), "cores": os.cpu_count()},
-            "versions": versions,
-            "xla_compiler_options": CPU_COMPILER_OPTIONS if dev.platform == "cpu" else {}}
+            "versions": versions}
 
 
 def fit(cfg: Config, trainer, out_dir: Path, framework: str = "jax",
@@ -186,6 +183,9 @@ def fit(cfg: Config, trainer, out_dir: Path, framework: str = "jax",
     summary = {"experiment": cfg.name, "framework": framework,
                "params": trainer.param_count(state), "compile_time_s": compile_s,
                **(environment or environment_info(framework)),
+               # What the JAX steps were compiled with (train.compile_lowered): shapes CPU speed.
+               **({"xla_compiler_options": trainer.compiler_options}
+                  if framework == "jax" else {}),
                "normalization": {"mean": trainer.mean.tolist(), "std": trainer.std.tolist()},
                "config": cfg.to_dict(), "train_examples": len(trainer.train),
                "eval_examples": len(trainer.test), **(extra or {})}

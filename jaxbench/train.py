@@ -46,20 +46,21 @@ Metrics = dict[str, jax.Array]  # sums over examples: loss, correct, count (+ st
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 
 
-def compile_lowered(lowered: Any, tuned: bool = True) -> Any:
+def compile_lowered(lowered: Any, tuned: bool = True) -> tuple[Any, dict]:
     """Compile with `CPU_COMPILER_OPTIONS` on CPU when `tuned`; plain XLA defaults otherwise.
 
-    The option is experimental in XLA: a jaxlib that no longer knows it gets the default
-    compile, with a warning, rather than a failed run.
+    Returns the executable and the options it was compiled with ({}: XLA's defaults), so a run
+    records what it really used. The option is experimental in XLA: a jaxlib that no longer
+    knows it gets the default compile, with a warning, rather than a failed run.
     """
     if not tuned or jax.default_backend() != "cpu":
-        return lowered.compile()
+        return lowered.compile(), {}
     try:
-        return lowered.compile(compiler_options=CPU_COMPILER_OPTIONS)
+        return lowered.compile(compiler_options=CPU_COMPILER_OPTIONS), CPU_COMPILER_OPTIONS
     except jax.errors.JaxRuntimeError as err:
         warnings.warn(f"XLA rejected {CPU_COMPILER_OPTIONS} ({str(err).splitlines()[0]}); "
                       "compiling with XLA's defaults, which ran slower on CPU.", stacklevel=2)
-        return lowered.compile()
+        return lowered.compile(), {}
 
 
 class Diverged(RuntimeError):
@@ -296,11 +297,11 @@ class Trainer:
         b = self.cfg.batch_size
         idx = self.shard(np.zeros((self.k, b), np.int32))
         valid = jax.device_put(np.ones(self.k, bool), self.replicated)
-        self.train_fn = compile_lowered(
+        self.train_fn, self.compiler_options = compile_lowered(
             self.steps.train.lower(state, self.zero_sums(), *self.dev["train"], idx, valid),
             self.tuned)
         eidx = self.shard(np.zeros((self.eval_k, b), np.int32))
-        self.eval_fn = compile_lowered(self.steps.evaluate.lower(
+        self.eval_fn, _ = compile_lowered(self.steps.evaluate.lower(
             state, self.eval_zero(), *self.dev["test"], eidx,
             self.shard(np.ones((self.eval_k, b), bool))), self.tuned)
         return time.perf_counter() - t0

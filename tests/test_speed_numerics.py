@@ -69,7 +69,7 @@ def test_cpu_compiler_options_compute_the_same_step(name):
         return jax.value_and_grad(loss_fn)(params)
 
     lowered = jax.jit(loss_and_grad).lower(variables["params"], x)
-    tuned = train.compile_lowered(lowered, tuned=True)
+    tuned, _ = train.compile_lowered(lowered, tuned=True)
     if jax.default_backend() == "cpu":  # the options took effect: no YNNPACK convolutions left
         assert "convolution" in tuned.as_text() and "ynn" not in _conv_lines(tuned.as_text())
     ours = tuned(variables["params"], x)
@@ -101,5 +101,6 @@ def test_a_rejected_compiler_option_falls_back_to_xla_defaults(monkeypatch):
                         {"xla_cpu_experimental_ynn_fusion_type": "NOT_A_FUSION_TYPE"})
     lowered = jax.jit(lambda a: a * 2).lower(jnp.ones(3))
     with pytest.warns(UserWarning, match="compiling with XLA's defaults"):
-        compiled = train.compile_lowered(lowered)
+        compiled, options = train.compile_lowered(lowered)
     np.testing.assert_array_equal(compiled(jnp.ones(3)), 2 * np.ones(3))
+    assert options == {}  # the run records the defaults it really compiled with
