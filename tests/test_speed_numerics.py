@@ -26,25 +26,25 @@ class ReferenceBaseline(nn.Module):
 
 
 def test_optimized_baseline_step_matches_the_reference_formulation():
+    """Our BaselineCNN (reshape max pool, tap-sum stem on CPU) vs flax's plain layers.
+
+    Compares the loss and each gradient tensor (relative norm), not an Adam update: Adam's first
+    step is ~lr * sign(g), which flips on float noise wherever a gradient entry is ~0.
+    """
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(16, 64, 64, 3)).astype(np.float32))
     y = jnp.asarray(rng.integers(0, 10, 16))
     ours, ref = models.BaselineCNN(10), ReferenceBaseline(10)
     params = ours.init(jax.random.key(0), x[:1])["params"]
-    tx = optax.adam(1e-3)
 
-    def step(model, p):
-        loss_fn = lambda p: optax.softmax_cross_entropy_with_integer_labels(
-            model.apply({"params": p}, x), y).mean()
-        loss, g = jax.value_and_grad(loss_fn)(p)
-        updates, _ = tx.update(g, tx.init(p), p)
-        return loss, optax.apply_updates(p, updates)
+    def loss_and_grad(model):
+        return jax.jit(jax.value_and_grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
+            model.apply({"params": p}, x), y).mean()))(params)
 
-    loss, new = step(ours, params)
-    loss_ref, new_ref = step(ref, params)
+    (loss, grads), (loss_ref, grads_ref) = loss_and_grad(ours), loss_and_grad(ref)
     np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(new_ref)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+        assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(b)
 
 
 @pytest.mark.parametrize("name", ["baseline", "target"])
@@ -104,3 +104,49 @@ def test_a_rejected_compiler_option_falls_back_to_xla_defaults(monkeypatch):
         compiled, options = train.compile_lowered(lowered)
     np.testing.assert_array_equal(compiled(jnp.ones(3)), 2 * np.ones(3))
     assert options == {}  # the run records the defaults it really compiled with
+
+
+@pytest.mark.parametrize("batch, strides, padding", [
+    (4, (1, 1), "SAME"), (4, (1, 1), ((2, 0), (1, 1))), (4, (1, 1), "VALID"),
+    (3, (1, 1), "SAME"),  # odd batch: falls back to lax
+    (4, (2, 2), "SAME"),  # strided: falls back to lax
+])
+def test_tap_conv_equals_lax_conv_in_value_and_gradient(batch, strides, padding):
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(batch, 10, 12, 3)).astype(np.float32))
+    w = jnp.asarray(rng.normal(size=(3, 3, 3, 8)).astype(np.float32))
+    dims = jax.lax.conv_dimension_numbers(x.shape, w.shape, models.NHWC)
+
+    def loss(conv, x, w):
+        out = conv(x, w, strides, padding, dimension_numbers=dims)
+        return (out * jnp.cos(out)).sum(), out
+
+    (ref_loss, ref), ref_grads = jax.value_and_grad(
+        functools.partial(loss, jax.lax.conv_general_dilated), argnums=(0, 1), has_aux=True)(x, w)
+    (tap_loss, tap), tap_grads = jax.jit(jax.value_and_grad(
+        functools.partial(loss, models.tap_conv), argnums=(0, 1), has_aux=True))(x, w)
+    np.testing.assert_allclose(tap, ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(tap_loss, ref_loss, rtol=1e-5)
+    for a, b in zip(tap_grads, ref_grads):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_baseline_stem_runs_as_taps_once_per_step_on_cpu():
+    """The stem's fast path is taken, and XLA does not recompute its products in the backward.
+
+    Guards the two ways it silently stops paying: flax handing `padding="SAME"` through as a
+    string (the fast path was skipped), and XLA fusing the 27 products into every consumer of
+    the output (fwd+bwd measured 19.8 -> 59 ms when that happened).
+    """
+    if jax.default_backend() != "cpu":
+        pytest.skip("tap_conv is the CPU stem only")
+    model = models.build("baseline", 10)
+    x = jnp.ones((8, 64, 64, 3))
+    params = model.init(jax.random.key(0), x[:1])["params"]
+    forward = jax.jit(lambda p: model.apply({"params": p}, x)).lower(params).as_text()
+    assert forward.count(" stablehlo.convolution") == 1  # the second layer's only
+    grad = jax.jit(jax.grad(lambda p: model.apply({"params": p}, x).sum())).lower(params)
+    compiled, _ = train.compile_lowered(grad)
+    # 27 products once, plus the few multiplies of the rest of the step (35 in all with jaxlib
+    # 0.10.2); fused into each consumer they number over 100.
+    assert compiled.as_text().count(" multiply(") < 2 * 27
