@@ -61,20 +61,22 @@ def tap_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padd
     XLA:CPU's convolution kernels run far below the machine's peak on a layer that reads only a
     few channels (the 3-channel image: the GEMM they pack is 27 deep). Written as 9*C broadcast
     multiply-adds, the forward pass is one loop fusion over the output, vectorized along its
-    channels. It runs under a two-trip `lax.map` over batch halves for a reason: XLA would
-    otherwise fuse (and so recompute) the 9*C products into each of the output's consumers
-    (ReLU, pooling and their gradients), and it drops `optimization_barrier`s before fusion; a
-    loop body is a boundary fusion cannot cross. The backward pass stays XLA's convolution.
-    Values differ from `lax.conv_general_dilated` only by float summation order. Anything but
-    a stride-1, undilated, ungrouped NHWC/HWIO convolution over an even batch goes to
-    `lax.conv_general_dilated` unchanged. Drop-in for `nn.Conv(..., conv_general_dilated=...)`.
+    channels. It runs as the taken branch of a `lax.cond` for a reason: XLA would otherwise fuse
+    (and so recompute) the 9*C products into each consumer of the output (ReLU, pooling and their
+    gradients; BaselineCNN fwd+bwd 20 -> 57 ms), and it drops `optimization_barrier`s before
+    fusion; a branch computation is a boundary fusion cannot cross (a two-trip `lax.map` over
+    batch halves is one too, but ran slower: 18.6 vs 17.1 ms). The predicate is true unless the
+    weights hold a NaN, where the other branch returns NaNs, so divergence still shows in the loss.
+    The backward pass stays XLA's convolution, so values differ from `lax.conv_general_dilated`
+    only by float summation order. Anything but a stride-1, undilated, ungrouped NHWC/HWIO
+    convolution goes to `lax.conv_general_dilated` unchanged. A drop-in for flax's
+    `nn.Conv(..., conv_general_dilated=...)`.
     """
     conv = functools.partial(lax.conv_general_dilated, window_strides=window_strides,
                              padding=padding, lhs_dilation=lhs_dilation,
                              rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
                              feature_group_count=feature_group_count, precision=precision)
-    plain = (lhs.ndim == 4 and lhs.shape[0] % 2 == 0 and tuple(window_strides) == (1, 1)
-             and feature_group_count == 1
+    plain = (lhs.ndim == 4 and tuple(window_strides) == (1, 1) and feature_group_count == 1
              and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
              and dimension_numbers in (None, lax.conv_dimension_numbers(lhs.shape, rhs.shape,
                                                                          NHWC)))
@@ -84,7 +86,7 @@ def tap_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padd
         padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (1, 1), padding)
     (top, bottom), (left, right) = padding
 
-    def half(x, w):
+    def products(x, w):
         kh, kw, c, _ = w.shape
         out_h, out_w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
         return functools.reduce(jnp.add, (x[:, i:i + out_h, j:j + out_w, k:k + 1] * w[i, j, k]
@@ -92,10 +94,10 @@ def tap_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padd
 
     @jax.custom_vjp
     def taps(x, w):
-        n = x.shape[0]
         x = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
-        out = lax.map(lambda xs: half(xs, w), x.reshape(2, n // 2, *x.shape[1:]))
-        return out.reshape(n, *out.shape[2:])
+        out = jax.eval_shape(products, x, w)
+        return lax.cond(w.ravel()[0] == w.ravel()[0], products,
+                        lambda x, w: jnp.full(out.shape, jnp.nan, out.dtype), x, w)
 
     taps.defvjp(lambda x, w: (taps(x, w), (x, w)),
                 lambda res, g: jax.vjp(conv, *res)[1](g))
@@ -106,8 +108,9 @@ def stem_conv() -> Any:
     """The convolution for BaselineCNN's first layer: `tap_conv` on XLA:CPU, else flax's default.
 
     Measured fwd+bwd, batch 32, on the 2-core CPU (results/speed/README.md): BaselineCNN
-    19.8 -> 18.1 ms. TargetCNN's 3->64 first layer gained nothing (659.7 vs 659.9 ms), so it
-    keeps XLA's convolution. GPU convolution libraries handle three channels well.
+    19.4 -> 16.0 ms. On TargetCNN's 3->64 first layer it gained nothing (654.2 vs 649.9 ms
+    for the whole model), so that keeps XLA's convolution. GPU convolution libraries handle
+    three channels well.
     """
     return tap_conv if jax.default_backend() == "cpu" else None
 
