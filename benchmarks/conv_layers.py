@@ -20,7 +20,6 @@ import time
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 from jax import lax
 
 from jaxbench import bench, models, train

@@ -5,7 +5,9 @@
 Times one jitted forward+backward (batch 32, 64x64x3, train-mode BatchNorm) of each model for
 every combination of
   * the 2x2 max-pool form: `reduce` (reshape, then `.max(axis=(2, 4))`: a reduction) or
-    `maxima` (reshape, then elementwise maxima: what `models.max_pool_2x2` does), and
+    `maxima` (reshape, then elementwise maxima: what `models.max_pool_2x2` does),
+  * BaselineCNN's first convolution: `lax` (XLA's convolution) or `taps` (`models.tap_conv`, what
+    `models.stem_conv()` picks on CPU); TargetCNN always uses XLA's, and
   * the compile: XLA's defaults, `train.CPU_COMPILER_OPTIONS` (YNNPACK for reductions only), or
     YNNPACK off.
 All variants run in one process, alternating within every repeat; the median is printed as a
@@ -37,8 +39,11 @@ OPTIONS = {
 }
 
 
-def compiled_step(name: str, pool, options):
-    """A compiled fwd+bwd of model `name` traced with `pool` as the max pool."""
+STEMS = {"lax": lambda: None, "taps": lambda: models.tap_conv}
+
+
+def compiled_step(name: str, pool, options, stem=STEMS["taps"]):
+    """A compiled fwd+bwd of model `name` traced with `pool` as the max pool, `stem()` as the stem."""
     model = models.build(name, 10)
     x = jax.random.normal(jax.random.key(0), (32, 64, 64, 3))
     y = jnp.arange(32) % 10
@@ -49,11 +54,13 @@ def compiled_step(name: str, pool, options):
                                 mutable=["batch_stats"])
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-    original, models.max_pool_2x2 = models.max_pool_2x2, pool  # modules look it up when traced
+    # Modules look both up when traced.
+    original = models.max_pool_2x2, models.stem_conv
+    models.max_pool_2x2, models.stem_conv = pool, stem
     try:
         lowered = jax.jit(jax.grad(loss)).lower(variables["params"])
     finally:
-        models.max_pool_2x2 = original
+        models.max_pool_2x2, models.stem_conv = original
     fn = lowered.compile(compiler_options=options) if options else lowered.compile()
     return fn, variables["params"]
 
@@ -65,10 +72,11 @@ def main() -> None:
     args = p.parse_args()
     print(f"backend {jax.default_backend()}, {jax.devices()[0].device_kind}; median of "
           f"{args.repeats} repeats, ms per fwd+bwd at batch 32\n")
-    print("| model | pool | compile | ms |\n|---|---|---|---:|")
+    print("| model | pool | stem | compile | ms |\n|---|---|---|---|---:|")
     for name in args.model or ["baseline", "target"]:
-        fns = {(pool, opt): compiled_step(name, POOLS[pool], OPTIONS[opt])
-               for pool in POOLS for opt in OPTIONS}
+        stems = STEMS if name == "baseline" else {"lax": STEMS["lax"]}
+        fns = {(pool, stem, opt): compiled_step(name, POOLS[pool], OPTIONS[opt], stems[stem])
+               for pool in POOLS for stem in stems for opt in OPTIONS}
         calls = 3 if name != "baseline" else 30
         times = {k: [] for k in fns}
         for _ in range(args.repeats):
@@ -79,8 +87,8 @@ def main() -> None:
                     out = fn(params)
                 jax.block_until_ready(out)
                 times[k].append((time.perf_counter() - t0) / calls * 1e3)
-        for (pool, opt), ts in times.items():
-            print(f"| {name} | {pool} | {opt} | {statistics.median(ts):.1f} |", flush=True)
+        for (pool, stem, opt), ts in times.items():
+            print(f"| {name} | {pool} | {stem} | {opt} | {statistics.median(ts):.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@
 For every experiment the same arrays, the same batch order and the same preprocessing feed every
 variant: JAX (jit), PyTorch eager, `torch.compile` and, on CUDA, `torch.compile(mode=
 "reduce-overhead")`. Each variant is compiled and warmed up first (that time is reported apart),
-then timed for R repeats, alternating the variants inside every repeat so that drift on the machine
-(thermal, other load) hits them alike; the median is reported. With `--steps N` a repeat is N train
+then timed for R repeats, alternating the variants inside every repeat (in an order rotated from one
+repeat to the next) so that drift on the machine (thermal, other load) hits them alike; the median
+is reported. With `--steps N` a repeat is N train
 steps (reported per 1,000 images); with `--epochs N` it is N full epochs (reported per epoch).
 
 Writes `<out>/<machine-tag>.json` and `<out>/<machine-tag>.md`.
@@ -167,8 +168,12 @@ def bench_experiment(cfg, train, test, repeats: int, epochs_per_repeat: int, cud
         trainers[label], states[label] = trainer, state
         log(f"  {label}: warm-up {warm[label]['warmup_s']:.1f}s (compile {compile_s:.1f}s)")
     times = {label: [] for label in trainers}
+    labels = list(trainers)
     for r in range(repeats):
-        for label, trainer in trainers.items():
+        # Rotate the order every repeat: no variant always runs right after the same other one
+        # (a variant following PyTorch measured up to ~20% slower in some runs, not in others).
+        for label in labels[r % len(labels):] + labels[:r % len(labels)]:
+            trainer = trainers[label]
             t0 = time.perf_counter()
             for e in range(epochs_per_repeat):
                 states[label], _, _ = trainer.train_epoch(states[label], 1 + r * epochs_per_repeat + e)
@@ -201,7 +206,8 @@ def markdown(result: dict) -> str:
              + (f", GPU {result['machine']['gpu']}" if result['machine'].get('gpu') else "")
              + f"; JAX device: {result['machine']['jax_device']}.",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".", "",
-             f"Median of {result['repeats']} repeats, variants alternated within each repeat; "
+             f"Median of {result['repeats']} repeats, variants alternated within each repeat "
+             "(order rotated from one repeat to the next); "
              f"time {unit}. `JAX / this` is JAX's time over this variant's: above 1 JAX is slower, "
              f"below 1 faster. `jax-xla-default` is the same JAX program compiled without "
              f"`train.CPU_COMPILER_OPTIONS`. JAX model FLOP/s is XLA's cost analysis of the train "
