@@ -31,7 +31,7 @@ LAYERS = [("baseline", 64, 3, 16), ("baseline", 32, 16, 32),
           ("target", 16, 128, 256), ("target", 16, 256, 256), ("target", 8, 256, 512)]
 
 
-def median_ms(fn: Callable[[], object], calls: int) -> Callable[[], float]:
+def timer(fn: Callable[[], object], calls: int) -> Callable[[], float]:
     """A timer: the mean ms of `calls` back-to-back calls of `fn` (which must block)."""
     def once() -> float:
         t0 = time.perf_counter()
@@ -46,7 +46,8 @@ def jax_layer(model: str, size: int, cin: int, cout: int) -> dict[str, Callable[
     x = jax.random.normal(key[0], (BATCH, size, size, cin))
     w = jax.random.normal(key[1], (3, 3, cin, cout)) * 0.1
     g = jax.random.normal(key[2], (BATCH, size, size, cout))
-    conv_fn = (model == "baseline" and cin == 3 and models.stem_conv()) or lax.conv_general_dilated
+    stem = models.stem_conv() if (model, cin) == ("baseline", 3) else None  # as BaselineCNN does
+    conv_fn = stem or lax.conv_general_dilated
     dims = lax.conv_dimension_numbers(x.shape, w.shape, models.NHWC)
 
     def conv(x, w):
@@ -87,7 +88,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
-    import torch
+    import torch  # with its default thread count, as the twin runs
 
     peak = bench.matmul_peak_gflops()
     print(f"backend {jax.default_backend()}, jax {jax.__version__}, torch {torch.__version__} "
@@ -102,13 +103,13 @@ def main() -> None:
         fns.update({("torch", k): f for k, f in torch_layer(size, cin, cout, False).items()})
         fns[("torch-cl", "fwd+bwd")] = torch_layer(size, cin, cout, True)["fwd+bwd"]
         calls = max(2, int(0.3 / max(gflop / 150, 1e-4)))  # ~0.3 s per timing
-        timers = {k: median_ms(f, calls) for k, f in fns.items()}
+        timers = {k: timer(f, calls) for k, f in fns.items()}
         for f in fns.values():
             f()
         times: dict = {k: [] for k in fns}
         for _ in range(args.repeats):
-            for k, timer in timers.items():
-                times[k].append(timer())  # torch keeps its default threads, as the twin
+            for k, once in timers.items():
+                times[k].append(once())
         cell = {}
         for (who, what), ts in times.items():
             ms = statistics.median(ts)

@@ -5,10 +5,10 @@
 For every experiment the same arrays, the same batch order and the same preprocessing feed every
 variant: JAX (jit), PyTorch eager, `torch.compile` and, on CUDA, `torch.compile(mode=
 "reduce-overhead")`. Each variant is compiled and warmed up first (that time is reported apart),
-then timed for R repeats, alternating the variants inside every repeat (in an order rotated from one
-repeat to the next) so that drift on the machine (thermal, other load) hits them alike; the median
-is reported. With `--steps N` a repeat is N train
-steps (reported per 1,000 images); with `--epochs N` it is N full epochs (reported per epoch).
+then timed for R repeats, alternating the variants inside every repeat (in an order rotated from
+one repeat to the next) so that drift on the machine (thermal, other load) hits them alike; the
+median is reported. With `--steps N` a repeat is N train steps (reported per 1,000 images); with
+`--epochs N` it is N full epochs (reported per epoch).
 
 Writes `<out>/<machine-tag>.json` and `<out>/<machine-tag>.md`.
 """
@@ -170,8 +170,8 @@ def bench_experiment(cfg, train, test, repeats: int, epochs_per_repeat: int, cud
     times = {label: [] for label in trainers}
     labels = list(trainers)
     for r in range(repeats):
-        # Rotate the order every repeat: no variant always runs right after the same other one
-        # (a variant following PyTorch measured up to ~20% slower in some runs, not in others).
+        # Rotate the order every repeat, so no variant always runs right after the same other
+        # one and whatever that one leaves behind (threads, caches) cannot bias it alone.
         for label in labels[r % len(labels):] + labels[:r % len(labels)]:
             trainer = trainers[label]
             t0 = time.perf_counter()

@@ -78,8 +78,8 @@ def tap_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padd
                              feature_group_count=feature_group_count, precision=precision)
     plain = (lhs.ndim == 4 and tuple(window_strides) == (1, 1) and feature_group_count == 1
              and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-             and dimension_numbers in (None, lax.conv_dimension_numbers(lhs.shape, rhs.shape,
-                                                                         NHWC)))
+             # lax reads None as NCHW/OIHW: only an explicit NHWC/HWIO takes the tap path.
+             and dimension_numbers == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC))
     if not plain:
         return conv(lhs, rhs)
     if isinstance(padding, str):  # flax passes "SAME" through as a string
@@ -107,10 +107,11 @@ def tap_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padd
 def stem_conv() -> Any:
     """The convolution for BaselineCNN's first layer: `tap_conv` on XLA:CPU, else flax's default.
 
-    Measured fwd+bwd, batch 32, on the 2-core CPU (results/speed/README.md): BaselineCNN
-    19.4 -> 16.0 ms. On TargetCNN's 3->64 first layer it gained nothing (654.2 vs 649.9 ms
-    for the whole model), so that keeps XLA's convolution. GPU convolution libraries handle
-    three channels well.
+    `python benchmarks/stem_ab.py` on the 2-core CPU (results/speed/session3/stem_ab.md):
+    BaselineCNN fwd+bwd at batch 32 19.2-19.8 -> 16.2-17.1 ms, train step 20.0-22.8 ->
+    16.7-17.3 ms. On TargetCNN's 3->64 first layer it gained nothing (654.2 vs 649.9 ms for the
+    whole model), so that keeps XLA's convolution. GPU convolution libraries handle three
+    channels well.
     """
     return tap_conv if jax.default_backend() == "cpu" else None
 

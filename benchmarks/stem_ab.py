@@ -1,0 +1,80 @@
+"""BaselineCNN's first layer on XLA:CPU: XLA's convolution vs `models.tap_conv`, same process.
+
+    python benchmarks/stem_ab.py --repeats 9
+
+Times, at batch 32, the forward+backward pass alone and the whole jitted train step
+(`train.train_step`: loss, gradients, Adam update), each compiled as the Trainer compiles it
+(`train.compile_lowered`), once with the stem as XLA's convolution and once as the tap sum
+(`models.stem_conv()` on CPU). Variants alternate within every repeat; medians in ms are printed
+as a Markdown table. This is the measurement behind `models.stem_conv`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from jaxbench import config, models, train
+
+STEMS = {"lax": lambda: None, "taps": lambda: models.tap_conv}
+
+
+def compiled(cfg: config.Config, stem, x: jax.Array, y: jax.Array) -> dict:
+    """Zero-argument callables running the fwd+bwd and the train step with `stem()` as the stem."""
+    original, models.stem_conv = models.stem_conv, stem  # BaselineCNN looks it up when traced
+    try:
+        state = train.create_state(cfg, 1000)
+
+        def loss(params):
+            return train.loss_and_logits(state, params, x, y, train=True)[0]
+
+        grad, _ = train.compile_lowered(jax.jit(jax.value_and_grad(loss)).lower(state.params))
+        step, _ = train.compile_lowered(
+            jax.jit(train.train_step, donate_argnums=0).lower(state, x, y))
+    finally:
+        models.stem_conv = original
+    params = jax.tree.map(jnp.copy, state.params)  # the step donates (deletes) state's buffers
+    holder = [state]
+
+    def one_step():
+        holder[0], metrics = step(holder[0], x, y)
+        return metrics
+
+    return {"fwd+bwd": lambda: grad(params), "train step": one_step}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p.add_argument("--exp", default="tiny_baseline")
+    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--calls", type=int, default=30, help="calls per timing")
+    args = p.parse_args()
+    cfg = config.load(args.exp)
+    x = jax.random.normal(jax.random.key(0), (cfg.batch_size, cfg.image_size, cfg.image_size, 3))
+    y = jnp.arange(cfg.batch_size) % cfg.num_classes
+    fns = {(stem, what): fn for stem in STEMS
+           for what, fn in compiled(cfg, STEMS[stem], x, y).items()}
+    times: dict = {k: [] for k in fns}
+    for _ in range(args.repeats):
+        for k, fn in fns.items():
+            jax.block_until_ready(fn())
+            t0 = time.perf_counter()
+            for _ in range(args.calls):
+                out = fn()
+            jax.block_until_ready(out)
+            times[k].append((time.perf_counter() - t0) / args.calls * 1e3)
+    print(f"backend {jax.default_backend()}, jax {jax.__version__}; {args.exp}, batch "
+          f"{cfg.batch_size}; median (min) of {args.repeats} repeats of {args.calls} calls, ms\n")
+    print("| measured | stem lax | stem taps |\n|---|---:|---:|")
+    for what in ("fwd+bwd", "train step"):
+        cells = [f"{statistics.median(times[(s, what)]):.2f} ({min(times[(s, what)]):.2f})"
+                 for s in STEMS]
+        print(f"| {what} | {' | '.join(cells)} |")
+
+
+if __name__ == "__main__":
+    main()
