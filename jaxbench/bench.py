@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 from jaxbench import config as config_lib
-from jaxbench import loop, run
+from jaxbench import cli, loop
 from jaxbench.config import ConfigError
 
 
@@ -156,7 +156,7 @@ def bench_experiment(cfg, train, test, repeats: int, epochs_per_repeat: int, cud
                      only: Sequence[str] | None = None, log=print) -> dict:
     trainers, states, warm = {}, {}, {}
     for label, framework, mode in variants(cuda, only):
-        trainer = run.make_trainer(framework, cfg, train, test, torch_compile=mode,
+        trainer = cli.make_trainer(framework, cfg, train, test, torch_compile=mode,
                                    xla_tuned=label != "jax-xla-default")
         if label == "jax-step-only":
             trainer = StepOnly(trainer)
@@ -244,25 +244,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m jaxbench.bench", description=__doc__.split("\n")[0])
     p.add_argument("--exp", action="append", required=True, help="experiment (repeatable)")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--steps", type=run.positive_int, help="time N train steps per repeat")
-    group.add_argument("--epochs", type=run.positive_int, help="time N full epochs per repeat")
-    p.add_argument("--repeats", type=run.positive_int, default=3)
+    group.add_argument("--steps", type=cli.positive_int, help="time N train steps per repeat")
+    group.add_argument("--epochs", type=cli.positive_int, help="time N full epochs per repeat")
+    p.add_argument("--repeats", type=cli.positive_int, default=3)
     p.add_argument("--variants", help=f"comma-separated subset of {', '.join(VARIANTS)} "
                    "(default: all this machine runs; jax always runs)")
     p.add_argument("--out", default="results/speed", help="folder for <machine-tag>.json/.md")
-    run.add_data_args(p)
+    cli.add_data_args(p)
     args = p.parse_args(argv)
     steps = args.steps if args.steps or args.epochs else 50
     unknown = set(args.variants.split(",")) - set(VARIANTS) if args.variants else set()
     if unknown:
-        return run.fail(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(VARIANTS)}.")
+        return cli.fail(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(VARIANTS)}.")
     try:
         import torch
     except ImportError:
-        return run.fail("the benchmark needs PyTorch: pip install -e '.[torch]'.")
+        return cli.fail("the benchmark needs PyTorch: pip install -e '.[torch]'.")
     from jaxbench import data
 
-    run.enable_compile_cache()
+    cli.enable_compile_cache()
     cuda = torch.cuda.is_available()
     info = machine(cuda)
     result = {"command": "python -m jaxbench.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -281,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cfg, train, test, args.repeats, args.epochs or 1, cuda,
                 args.variants.split(",") if args.variants else None)
     except (ConfigError, data.DataError) as err:
-        return run.fail(str(err))
+        return cli.fail(str(err))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = machine_tag(info)

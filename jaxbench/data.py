@@ -234,28 +234,7 @@ def eval_order(n: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     return np.where(mask, idx, 0).reshape(steps, batch_size), mask.reshape(steps, batch_size)
 
 
-def main(argv=None) -> int:
-    """`python -m jaxbench.data export --exp NAME --out FILE.npz`: the prepared splits as numpy."""
-    import argparse
+if __name__ == "__main__":  # `python -m jaxbench.data export ...`
+    from jaxbench.cli import export_main
 
-    from jaxbench import config, run
-
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m jaxbench.data")
-    p.add_argument("command", choices=["export"])
-    p.add_argument("--exp", required=True)
-    p.add_argument("--out", required=True, help="the .npz file to write")
-    run.add_data_args(p)
-    args = p.parse_args(argv)
-    try:
-        cfg = run.resolve(args)
-        train, test = load(cfg, args.data_dir, args.manual_dir)
-    except (config.ConfigError, DataError) as err:
-        return run.fail(str(err))
-    save_arrays(args.out, cfg.dataset, train, test)
-    print(f"wrote {args.out}: {len(train):,} train and {len(test):,} {cfg.eval_split} images "
-          f"of {cfg.dataset}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(export_main())

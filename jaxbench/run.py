@@ -8,52 +8,14 @@ User mistakes end in one clear paragraph on stderr and exit code 2, never a trac
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from jaxbench import config as config_lib
+from jaxbench.cli import (add_data_args, enable_compile_cache, fail, make_trainer,
+                          non_negative_int, positive_int, resolve)
 from jaxbench.config import ConfigError
-
-EXIT_USAGE = 2
-
-
-def int_at_least(low: int):
-    """An argparse type: an integer >= low, with a message that says so."""
-    want = "a positive integer" if low == 1 else f"an integer >= {low}"
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected {want}, got {value}")
-        return value
-
-    return parse
-
-
-positive_int = int_at_least(1)
-non_negative_int = int_at_least(0)
-
-
-def add_data_args(parser: argparse.ArgumentParser) -> None:
-    """Flags shared by every command that loads an experiment's data (run, bench)."""
-    parser.add_argument("--data-dir", help="tfds data_dir (default: tfds' own, ~/tensorflow_datasets)")
-    parser.add_argument("--manual-dir", help="folder with the official dataset files, for offline "
-                        "preparation (tfds manual_dir)")
-    parser.add_argument("--arrays", help="read the splits from an .npz written by "
-                        "`python -m jaxbench.data export` instead of tfds (machines without TF)")
-    parser.add_argument("--train-limit", type=positive_int, help="use only the first N train examples")
-    parser.add_argument("--eval-limit", type=positive_int, help="use only the first N eval examples")
-    parser.add_argument("--batch-size", type=positive_int, help="override the experiment's batch size")
-    parser.add_argument("--seed", type=non_negative_int, help="override the experiment's seed")
-    parser.add_argument("--dtype", choices=config_lib.DTYPES,
-                        help="compute dtype (default: the experiment's, float32). bfloat16 runs "
-                        "convolutions and matmuls in bfloat16 (JAX: flax dtype; PyTorch: autocast) "
-                        "with float32 parameters, optimizer state, BatchNorm statistics and loss")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -91,56 +53,11 @@ def list_experiments() -> str:
     return "\n".join(lines) or f"no experiments in {config_lib.experiments_dir()}"
 
 
-def resolve(args: argparse.Namespace) -> config_lib.Config:
-    cfg = config_lib.load(args.exp)
-    return cfg.replace(epochs=getattr(args, "epochs", None), batch_size=args.batch_size,
-                       seed=args.seed, train_limit=args.train_limit, eval_limit=args.eval_limit,
-                       dtype=args.dtype)
-
-
-def enable_compile_cache() -> str | None:
-    """JAX's persistent compilation cache: a rerun skips XLA compilation of the same steps.
-
-    On by default under ~/.cache/jaxbench/xla; JAXBENCH_COMPILE_CACHE=DIR moves it, an empty
-    value turns it off. summary.json records which, since a cache hit shrinks compile_time_s.
-    """
-    path = os.environ.get("JAXBENCH_COMPILE_CACHE",
-                          str(Path.home() / ".cache" / "jaxbench" / "xla"))
-    if not path:
-        return None
-    import jax
-
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    return path
-
-
 def run_name(exp: str, framework: str, torch_compile: str = "none") -> str:
     """`<exp>` for JAX; `<exp>_torch` (or `_torch-compile`, ...) for the twin, so none overwrites."""
     if framework == "jax":
         return exp
     return f"{exp}_torch" + ("" if torch_compile == "none" else f"-{torch_compile}")
-
-
-def make_trainer(framework: str, cfg: config_lib.Config, train, test, steps_per_call=None,
-                 torch_compile: str = "none", xla_tuned: bool = True):
-    """The JAX Trainer or its PyTorch twin; both serve `fit` and the benchmark alike."""
-    if framework == "jax":
-        from jaxbench.train import Trainer
-
-        return Trainer(cfg, train, test, steps_per_call=steps_per_call, tuned=xla_tuned)
-    try:
-        from jaxbench import torch_twin
-    except ImportError:
-        raise ConfigError("--framework torch needs PyTorch: pip install -e '.[torch]' "
-                          "(on a CPU-only machine: pip install torch==2.13.0 first).") from None
-    mode = None if torch_compile == "none" else torch_compile
-    return torch_twin.Trainer(cfg, train, test, compile_mode=mode)
-
-
-def fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return EXIT_USAGE
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,7 +9,7 @@ import tensorflow_datasets as tfds
 
 torch = pytest.importorskip("torch")
 
-from jaxbench import bench, config, data, loop, models, report, run, torch_twin  # noqa: E402
+from jaxbench import bench, cli, config, data, loop, models, report, run, torch_twin  # noqa: E402
 from conftest import synthetic_split  # noqa: E402
 
 
@@ -64,7 +64,7 @@ def test_cosine_schedule_matches_optax():
 
 def test_fit_with_the_twin_writes_the_same_outputs(tmp_path):
     cfg = config.load("fmnist_target").replace(epochs=2, batch_size=16)
-    trainer = run.make_trainer("torch", cfg, synthetic_split(64), synthetic_split(20, seed=1))
+    trainer = cli.make_trainer("torch", cfg, synthetic_split(64), synthetic_split(20, seed=1))
     s = loop.fit(cfg, trainer, tmp_path, framework="torch")
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2] and s["framework"] == "torch"
