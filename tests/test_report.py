@@ -1,0 +1,169 @@
+"""`python -m jaxbench.report paper`: Tables I/II, speed tables, curves, errors, on synthetic run folders."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from jaxbench import report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+H200 = {"platform": "gpu", "name": "NVIDIA H200", "count": 1, "cpu": "Intel(R) Xeon(R) Processor", "cores": 16}
+EPYC = {"platform": "cpu", "name": "cpu", "count": 1, "cpu": "AMD EPYC", "cores": 2}
+
+
+def write_run(folder: Path, exp: str, model: str, seed: int, accs: list[float], *, new_keys: bool,
+              device=H200, config_epochs: int = 25, epoch_time: float = 2.0) -> Path:
+    """A run folder as jaxbench.run writes it; `new_keys` writes eval_* (with wrong test_* aliases,
+    so a test can tell which one the report read), otherwise the older test_* names only."""
+    folder.mkdir(parents=True)
+    lines = []
+    for epoch, acc in enumerate(accs, 1):
+        rec = {"epoch": epoch, "train_loss": 1.0 / epoch, "train_acc": min(0.99, acc + 0.05),
+               "epoch_time_s": epoch_time, "lr": 0.001}
+        if new_keys:
+            rec |= {"eval_loss": 0.5 / epoch, "eval_acc": acc, "test_loss": 9.0, "test_acc": 0.01}
+        else:
+            rec |= {"test_loss": 0.5 / epoch, "test_acc": acc}
+        lines.append(json.dumps(rec))
+    (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    best = max(accs)
+    acc_keys = ({"final_eval_acc": accs[-1], "best_eval_acc": best, "final_test_acc": 0.01, "best_test_acc": 0.01}
+                if new_keys else {"final_test_acc": accs[-1], "best_test_acc": best})
+    summary = {
+        "experiment": exp, "framework": "jax", "params": 1_055_082 if model == "baseline" else 2_423_882,
+        "device": device, "versions": {"python": "3.12", "jax": "0.11.2", "tfds": "4.9.10"},
+        "config": {"name": exp, "dataset": "fashion_mnist", "model": model, "optimizer": "adam",
+                   "learning_rate": 0.001, "batch_size": 32, "epochs": config_epochs, "seed": seed,
+                   "schedule": "constant", "image_size": 64, "train_split": "train", "eval_split": "test",
+                   "train_limit": None, "eval_limit": None, "dtype": "float32", "num_classes": 10},
+        "train_examples": 60000, "eval_examples": 10000, "epochs_completed": len(accs),
+        "best_epoch": accs.index(best) + 1, "mean_epoch_time_s": epoch_time, "compile_time_s": 1.0,
+        **acc_keys,
+    }
+    (folder / "summary.json").write_text(json.dumps(summary))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("measured")
+    # BaselineCNN, older key names: finals 90/91/92% (mean 91.00, std 1.00); seeds 0 and 1 reach 99% of
+    # their final accuracy at epoch 4, seed 2 at epoch 3 (mean 3.67).
+    for seed, third in ((0, 0.885), (1, 0.895), (2, 0.915)):
+        accs = [0.60 + 0.01 * seed, 0.80 + 0.01 * seed, third] + [0.90 + 0.01 * seed] * 22
+        write_run(root / "gpu" / f"fmnist_baseline_seed{seed}", "fmnist_baseline", "baseline", seed, accs,
+                  new_keys=False, epoch_time=0.5 + 0.1 * seed)
+    # TargetCNN, eval_* keys: finals 93/95% (mean 94.00, std 1.41), 99% reached at epoch 2.
+    for seed, final in ((0, 0.93), (1, 0.95)):
+        write_run(root / "gpu" / f"fmnist_target_seed{seed}", "fmnist_target", "target", seed,
+                  [0.80, final - 0.005] + [final] * 23, new_keys=True)
+    # A 3-epoch run of the same experiment on a CPU: a shorter protocol.
+    write_run(root / "cpu" / "fmnist_target_3ep", "fmnist_target", "target", 0, [0.70, 0.75, 0.80],
+              new_keys=False, device=EPYC, config_epochs=3, epoch_time=900.0)
+    bench = {"command": "python -m jaxbench.bench --exp fmnist_baseline --data-dir /some/where/tfds --out OUT",
+             "machine": {"cpu": "AMD EPYC", "cores": 2, "jax_device": "cpu cpu"}, "versions": {"jax": "0.10.2"},
+             "unit": "per 1,000 images",
+             "experiments": {"fmnist_baseline": {"variants": {
+                 "jax": {"per_1000_images_s": 0.5}, "torch-eager": {"per_1000_images_s": 0.4},
+                 "torch-compile": {"per_1000_images_s": 1.0}}}}}
+    (root / "cpu" / "bench.json").write_text(json.dumps(bench))
+    return root
+
+
+@pytest.fixture(scope="module")
+def generated(runs, tmp_path_factory) -> tuple[int, str, Path]:
+    out = tmp_path_factory.mktemp("results")
+    rc = report.main(["paper", str(runs), "--out", str(out)])
+    return rc, (out / "README.md").read_text(), out
+
+
+def row(readme: str, *needles: str) -> list[str]:
+    """The cells of the one table row holding every needle."""
+    rows = [line for line in readme.splitlines() if line.startswith("|") and all(n in line for n in needles)]
+    assert len(rows) == 1, (needles, rows)
+    return [c.strip() for c in rows[0].strip("|").split("|")]
+
+
+def test_table_rows_mean_std_n_and_epochs_to_99(generated):
+    rc, readme, _ = generated
+    assert rc == 0
+    base = row(readme, "`fmnist_baseline`", "NVIDIA H200")
+    assert base[3] == "3 (0, 1, 2)"
+    assert base[4] == "91.00 ± 1.00%"  # final, older test_* keys
+    assert base[5] == "91.00 ± 1.00%"  # best epoch
+    assert base[6] == "3.7"  # epochs to 99% of final: (4 + 4 + 3) / 3
+    assert base[7] == "0.60"  # mean of the runs' mean_epoch_time_s
+    assert base[8] == "1,055,082" and base[9] == "25"
+    assert base[10] == "92.3%" and base[11] == "~10 s" and base[12] == "-1.3 pp"
+    target = row(readme, "`fmnist_target`", "NVIDIA H200")
+    assert target[3] == "2 (0, 1)"
+    assert target[4] == "94.00 ± 1.41%"  # eval_* preferred over the (wrong) test_* aliases
+    assert target[6] == "2.0"
+    assert target[10] == "89.5%"
+    assert "**paper** acc (P100)" in readme
+    assert "our TargetCNN beats our BaselineCNN, 94.00% vs 91.00%" in readme and "the reverse order" in readme
+
+
+def test_not_measured_rows_give_the_command(generated):
+    _, readme, _ = generated
+    for exp in ("tiny_baseline", "tiny_target"):
+        cells = row(readme, f"| `{exp}` |", "not measured")
+        assert f"python -m jaxbench.run --exp {exp} --seed S --manual-dir" in cells[3]
+
+
+def test_shorter_protocol_is_labelled_and_kept_apart(generated):
+    _, readme, _ = generated
+    short = readme.index("Shorter or changed protocols")
+    cells = row(readme, "| TargetCNN (`fmnist_target`) | JAX | AMD EPYC", "3 epochs")
+    assert cells[3] == "3 epochs instead of 25"
+    assert cells[5] == "80.00%" and cells[10] == "3"
+    assert readme.index("| TargetCNN (`fmnist_target`) | JAX | AMD EPYC") > short
+    table_one = readme[readme.index("## Table I"):short]
+    assert "AMD EPYC" not in table_one
+
+
+def test_speed_table_ratio_within_one_file_and_no_local_paths(generated):
+    _, readme, _ = generated
+    cells = row(readme, "| fmnist_baseline | float32 |")
+    assert cells[2:5] == ["30.0 s", "24.0 s", "60.0 s"]  # 60,000 images per epoch
+    assert cells[5] == "1.25 (vs torch-eager)"
+    assert "--data-dir DIR" in readme and "/some/where" not in readme
+
+
+def test_pngs_are_written_and_valid(generated):
+    _, readme, out = generated
+    png = out / "curves_fashion_mnist.png"
+    assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 10_000
+    import matplotlib.image
+
+    assert matplotlib.image.imread(png).ndim == 3
+    assert "](curves_fashion_mnist.png)" in readme
+    assert not (out / "curves_tiny_imagenet.png").exists()
+    assert "Table II: Tiny ImageNet: no run with 2 or more epochs" in readme
+
+
+def test_runs_used_lists_every_folder(generated, runs):
+    _, readme, _ = generated
+    listed = re.findall(r"^\| \[([^\]]+)\]\(", readme[readme.index("## Runs used"):], re.M)
+    assert len(listed) == 6 and all(Path(p).name in {f.parent.name for f in runs.rglob("summary.json")}
+                                    for p in listed)
+
+
+@pytest.mark.parametrize("text", ['{"experiment": "fmnist_baseline", ', '{"experiment": "x", "config": {}}'])
+def test_broken_summary_is_a_clear_error(tmp_path, capsys, text):
+    bad = write_run(tmp_path / "in" / "fmnist_baseline_seed9", "fmnist_baseline", "baseline", 9, [0.5, 0.6],
+                    new_keys=False)
+    (bad / "summary.json").write_text(text)
+    assert report.main(["paper", str(tmp_path / "in"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert str(bad / "summary.json") in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "README.md").exists()
+
+
+def test_missing_input_is_exit_2(tmp_path, capsys):
+    assert report.main(["paper", str(tmp_path / "nope"), "--out", str(tmp_path / "out")]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
