@@ -54,29 +54,32 @@ def _tfds():
     """Import tfds lazily (it pulls in TensorFlow) and register our own builders with it."""
     import tensorflow_datasets as tfds
 
-    import jaxbench.datasets.tiny_imagenet  # noqa: F401  (registers `tiny_imagenet`)
+    # Importing the builder module registers `tiny_imagenet` with tfds.
+    import jaxbench.datasets.tiny_imagenet.tiny_imagenet_dataset_builder  # noqa: F401
 
     return tfds
 
 
-def prepare(dataset: str, data_dir: str | None = None, manual_dir: str | None = None):
-    """Prepare `dataset` with tfds, offline from `manual_dir` when given; return the builder.
+def have_tfds() -> bool:
+    """Whether tensorflow-datasets imports here; without it `load` reads the official files."""
+    try:
+        import tensorflow_datasets  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
-    tfds looks for every expected file in manual_dir before downloading and verifies its
-    checksum, so an offline preparation is exactly as trustworthy as a download.
-    """
-    tfds = _tfds()
-    b = tfds.builder(dataset, data_dir=data_dir)
-    if b.is_prepared():
-        return b
+
+def cache_dir(data_dir: str | None = None) -> Path:
+    """Where the TensorFlow-free reader caches decoded arrays: `DATA_DIR/jaxbench_arrays` with
+    --data-dir, else `$XDG_CACHE_HOME/jaxbench` (`~/.cache/jaxbench`)."""
+    if data_dir is not None:
+        return Path(data_dir) / "jaxbench_arrays"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jaxbench"
+
+
+def _check_manual_dir(dataset: str, manual_dir: str) -> Path:
+    """The manual_dir as a Path once it plausibly holds `dataset`; DataError naming what lacks."""
     expected = ", ".join(MANUAL_FILES[dataset])
-    if manual_dir is None:
-        raise DataError(
-            f"{dataset} is not prepared in the tfds data dir ({b.data_dir}) and no --manual-dir was "
-            f"given. Download the official files ({expected}) into a folder and pass it as "
-            f"--manual-dir DIR (this repository's ../shared/data holds them), or point --data-dir "
-            f"at a folder where the dataset is already prepared."
-        )
     folder = Path(manual_dir)
     if not folder.is_dir():
         raise DataError(f"--manual-dir {manual_dir}: not a folder (missing, or a file). It must hold "
@@ -89,14 +92,84 @@ def prepare(dataset: str, data_dir: str | None = None, manual_dir: str | None = 
                 f"official files ({expected}) there to prepare offline."
             )
     else:
-        from jaxbench.datasets.tiny_imagenet import tiny_imagenet_dataset_builder as tin
+        from jaxbench.datasets.tiny_imagenet import source as tin
 
         try:
             tin.locate(folder)
         except tin.SourceError as err:
             raise DataError(f"--manual-dir: {err}") from None
+    return folder
+
+
+def _download_hosts(b) -> list[tuple[str, int]]:
+    """(host, port) of every URL registered in the builder's checksums, for a quick probe."""
+    from urllib.parse import urlsplit
+
+    hosts = []
+    for url in sorted(b.url_infos or {}):
+        parts = urlsplit(url)
+        host = (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+        if parts.hostname and host not in hosts:
+            hosts.append(host)
+    return hosts
+
+
+def _unreachable(hosts: list[tuple[str, int]], timeout: float = 5.0) -> str | None:
+    """Why the download hosts cannot be reached (None if they can). Seconds, not tfds' minutes
+    of retries: offline, name resolution fails at once."""
+    import socket
+
+    if os.environ.get("JAXBENCH_OFFLINE", "") not in ("", "0"):
+        return "JAXBENCH_OFFLINE is set"
+    for host, port in hosts:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+        except OSError as err:
+            return f"cannot reach {host}: {err}"
+    return None
+
+
+def prepare(dataset: str, data_dir: str | None = None, manual_dir: str | None = None):
+    """Prepare `dataset` with tfds and return the builder.
+
+    With `manual_dir`, offline from the files there: tfds looks for every expected file in
+    manual_dir before downloading and verifies its checksum, so an offline preparation is exactly
+    as trustworthy as a download. Without, tfds downloads the registered URLs and verifies their
+    checksums; when the hosts cannot be reached, a DataError says to pass --manual-dir.
+    """
+    tfds = _tfds()
     from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
 
+    b = tfds.builder(dataset, data_dir=data_dir)
+    if b.is_prepared():
+        return b
+    expected = ", ".join(MANUAL_FILES[dataset])
+    if manual_dir is None:
+        offline = (
+            f"{dataset} is not prepared in the tfds data dir ({b.data_dir}), no --manual-dir was "
+            f"given, and it could not be downloaded"
+        )
+        advice = (
+            f"Download the official files ({expected}) into a folder and pass it as "
+            f"--manual-dir DIR (this repository's ../shared/data holds them), or point --data-dir "
+            f"at a folder where the dataset is already prepared."
+        )
+        reason = _unreachable(_download_hosts(b))
+        if reason is not None:
+            raise DataError(f"{offline} ({reason}). {advice}")
+        try:
+            b.download_and_prepare()
+        except NonMatchingChecksumError as err:
+            first = str(err).splitlines()[0]
+            raise DataError(f"{first} A download of {dataset} does not match its registered "
+                            f"checksum; nothing was prepared. {advice}") from None
+        except ValueError as err:  # the builder's own checks of what it downloaded (SourceError)
+            raise DataError(f"{err} (preparing {dataset} from its download)") from None
+        except Exception as err:  # noqa: BLE001  network errors come in many types
+            first = (str(err).splitlines() or [type(err).__name__])[0][:300]
+            raise DataError(f"{offline} ({type(err).__name__}: {first}). {advice}") from None
+        return b
+    folder = _check_manual_dir(dataset, manual_dir)
     config = tfds.download.DownloadConfig(manual_dir=str(folder))
     try:
         b.download_and_prepare(download_config=config)
@@ -115,12 +188,18 @@ def load_split(b, split: str, limit: int | None = None, chunk: int = 4096) -> Sp
     """Read a prepared split (its first `limit` examples) into uint8 numpy arrays.
 
     Chunks are copied into preallocated arrays, so peak memory is the dataset plus one chunk.
+    The shard interleave is pinned to tfds' defaults, so the order stays the one the
+    TensorFlow-free reader reproduces (jaxbench/datasets/tfds_order.py).
     """
+    from jaxbench.datasets import tfds_order
+
     tfds = _tfds()
     spec = split if limit is None else f"{split}[:{limit}]"
+    read_config = tfds.ReadConfig(try_autocache=False,
+                                  interleave_cycle_length=tfds_order.CYCLE_LENGTH,
+                                  interleave_block_length=tfds_order.BLOCK_LENGTH)
     try:
-        ds = b.as_dataset(split=spec, shuffle_files=False,
-                          read_config=tfds.ReadConfig(try_autocache=False))
+        ds = b.as_dataset(split=spec, shuffle_files=False, read_config=read_config)
     except ValueError as err:  # e.g. a slice beyond the split, an unknown split name
         raise DataError(f"cannot read split {spec!r} of {b.name}: {err}") from None
     n = int(ds.cardinality())
@@ -142,15 +221,51 @@ def load_split(b, split: str, limit: int | None = None, chunk: int = 4096) -> Sp
     return Split(images, labels)
 
 
+def load_files(cfg, data_dir: str | None = None, manual_dir: str | None = None,
+               shards: int | None = None) -> tuple[Split, Split]:
+    """(train, eval) read straight from the official files in `manual_dir`, without TensorFlow.
+
+    Same arrays, labels and order as the tfds path (see jaxbench/datasets/files.py); Tiny
+    ImageNet's decoded arrays are cached under `cache_dir(data_dir)`. `shards` is for tests
+    only (a tfds preparation forced to that many shards).
+    """
+    from jaxbench.datasets import files
+
+    expected = ", ".join(MANUAL_FILES[cfg.dataset])
+    if manual_dir is None:
+        raise DataError(
+            f"tensorflow-datasets is not installed here, so {cfg.dataset} is read straight from "
+            f"its official files, and no --manual-dir was given: download them ({expected}) into "
+            f"a folder and pass it as --manual-dir DIR (this repository's ../shared/data holds "
+            f"them), or use --arrays FILE.npz from `python -m jaxbench.data export`."
+        )
+    folder = _check_manual_dir(cfg.dataset, manual_dir)
+    try:
+        (train, test) = files.read(cfg.dataset, folder, [(cfg.train_split, cfg.train_limit),
+                                                         (cfg.eval_split, cfg.eval_limit)],
+                                   cache_dir(data_dir), shards)
+    except (OSError, ValueError, EOFError) as err:  # SourceError is a ValueError
+        raise DataError(f"{err} (reading {cfg.dataset} from --manual-dir {manual_dir} without "
+                        f"TensorFlow)") from None
+    return Split(*train), Split(*test)
+
+
 def load(cfg, data_dir: str | None = None, manual_dir: str | None = None,
-         arrays: str | None = None) -> tuple[Split, Split]:
+         arrays: str | None = None, reader: str | None = None) -> tuple[Split, Split]:
     """(train, eval) splits of an experiment, honouring its train/eval limits.
 
-    `arrays` reads an .npz written by `export` instead of tfds: for machines without TensorFlow
-    (the GPU image) and for tests that run the CLI in a subprocess on synthetic data.
+    `arrays` reads an .npz written by `export` instead (tests that run the CLI in a subprocess
+    on synthetic data). `reader` is "tfds" or "files"; by default tfds when it can be imported,
+    else the TensorFlow-free reader of the official files in `manual_dir` (the GPU image).
     """
     if arrays is not None:
         return load_arrays(arrays, cfg)
+    if reader is None:
+        reader = "tfds" if have_tfds() else "files"
+    if reader == "files":
+        return load_files(cfg, data_dir, manual_dir)
+    if reader != "tfds":
+        raise ValueError(f"reader must be 'tfds' or 'files', got {reader!r}")
     b = prepare(cfg.dataset, data_dir, manual_dir)
     return (load_split(b, cfg.train_split, cfg.train_limit),
             load_split(b, cfg.eval_split, cfg.eval_limit))

@@ -1,11 +1,42 @@
-"""The tfds path: the built-in fashion_mnist builder, offline from manual_dir."""
+"""The tfds path: the built-in fashion_mnist builder, offline from manual_dir, or downloaded."""
+
+import contextlib
+import socket
+import time
 
 import numpy as np
 import pytest
+import requests
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.download import downloader
 
 from jaxbench import config, data
 from conftest import FMNIST_FILES
+
+
+def serve(monkeypatch, table: dict[str, bytes]):
+    """Stand in for the network under tfds' downloader: `table` maps URL -> body; any other URL
+    fails as an unreachable host does (requests' ConnectionError). The host probe passes."""
+    @contextlib.contextmanager
+    def open_url(url, **kwargs):
+        if url not in table:
+            raise requests.exceptions.ConnectionError(
+                f"HTTPConnectionPool: Max retries exceeded with url: {url} (NameResolutionError)")
+
+        class Response:
+            headers = {"Content-length": str(len(table[url]))}
+
+        Response.url = url
+        yield Response(), iter([table[url]])
+
+    monkeypatch.setattr(downloader, "_open_url", open_url)
+    monkeypatch.setattr(data, "_unreachable", lambda hosts, timeout=5.0: None)
+    monkeypatch.delenv("JAXBENCH_OFFLINE", raising=False)
+
+
+def registered_urls():
+    return {info.filename: url
+            for url, info in tfds.builder_cls("fashion_mnist").url_infos.items()}
 
 
 def test_real_files_prepare_offline_and_load(fmnist_tfds_dir):
@@ -52,7 +83,8 @@ def test_tfds_path_with_mock_data(tmp_path, mock_manual_dir):
     assert len(test) == 96
 
 
-def test_missing_data_names_the_files_and_the_flag(tmp_path):
+def test_missing_data_names_the_files_and_the_flag(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXBENCH_OFFLINE", "1")  # no download attempt, even with a network
     with pytest.raises(data.DataError, match="--manual-dir") as err:
         data.prepare("fashion_mnist", str(tmp_path))
     assert "train-images-idx3-ubyte.gz" in str(err.value)
@@ -60,3 +92,49 @@ def test_missing_data_names_the_files_and_the_flag(tmp_path):
     (tmp_path / "m" / "train-images-idx3-ubyte.gz").touch()
     with pytest.raises(data.DataError, match="lacks train-labels-idx1-ubyte.gz, t10k"):
         data.prepare("fashion_mnist", str(tmp_path), str(tmp_path / "m"))
+
+
+def test_online_without_manual_dir_tfds_downloads_and_verifies(tmp_path, monkeypatch):
+    """No --manual-dir, dataset not prepared: tfds fetches its registered URLs (served here from
+    the real files) and checks their sha256 before preparing."""
+    if not FMNIST_FILES.is_dir():
+        pytest.skip("real Fashion-MNIST files not found")
+    serve(monkeypatch, {url: (FMNIST_FILES / name).read_bytes()
+                        for name, url in registered_urls().items()})
+    cfg = config.load("fmnist_baseline").replace(train_limit=500, eval_limit=100)
+    train, test = data.load(cfg, str(tmp_path / "tfds"))
+    assert len(train) == 500 and len(test) == 100
+    assert tfds.builder("fashion_mnist", data_dir=str(tmp_path / "tfds")).is_prepared()
+
+
+def test_a_download_that_fails_its_checksum_prepares_nothing(tmp_path, monkeypatch):
+    urls = registered_urls()
+    serve(monkeypatch, {url: b"an HTML error page, not the dataset" for url in urls.values()})
+    with pytest.raises(data.DataError, match="does not match its registered checksum"):
+        data.prepare("fashion_mnist", str(tmp_path / "tfds"))
+    assert not tfds.builder("fashion_mnist", data_dir=str(tmp_path / "tfds")).is_prepared()
+
+
+def test_offline_a_failed_download_names_the_manual_dir(tmp_path, monkeypatch):
+    serve(monkeypatch, {})  # every download raises a connection error
+    start = time.monotonic()
+    with pytest.raises(data.DataError, match="it could not be downloaded") as err:
+        data.prepare("fashion_mnist", str(tmp_path / "tfds"))
+    assert time.monotonic() - start < 60
+    message = str(err.value)
+    assert "--manual-dir DIR" in message and "t10k-images-idx3-ubyte.gz" in message
+    assert "ConnectionError" in message and "\n" not in message
+    assert not tfds.builder("fashion_mnist", data_dir=str(tmp_path / "tfds")).is_prepared()
+
+
+def test_unreachable_hosts_fail_in_seconds_not_minutes(tmp_path, monkeypatch):
+    """tfds itself retries a dead host for minutes; a quick probe answers first."""
+    monkeypatch.delenv("JAXBENCH_OFFLINE", raising=False)
+
+    def no_network(address, timeout=None):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    with pytest.raises(data.DataError, match="cannot reach fashion-mnist.s3-website"
+                                             r".*Name or service not known.*--manual-dir DIR"):
+        data.prepare("fashion_mnist", str(tmp_path / "tfds"))

@@ -148,6 +148,33 @@ def test_cli_exit_2_on_a_broken_tree(tmp_path, capsys):
     assert "val_annotations.txt is missing" in capsys.readouterr().err
 
 
+def test_the_official_zip_is_registered_for_download():
+    info = tin.Builder.url_infos[tin.URL]
+    assert int(info.size) == tin.OFFICIAL_ZIP["size"] == 248_100_043
+    assert info.checksum == "6198c8ae015e2b3e007c7841da39ec069199b9aa3bfa943a462022fe5e43c821"
+    assert info.filename == "tiny-imagenet-200.zip"
+
+
+def test_online_a_download_that_is_not_the_official_zip_is_refused(tmp_path, monkeypatch):
+    """No --manual-dir: tfds downloads the registered URL and checks its sha256 (served here: a
+    fixture zip, which must fail that check)."""
+    from test_tfds_fmnist import serve
+
+    zip_path = fx.write_zip(tmp_path / "served", fx.files())
+    serve(monkeypatch, {tin.URL: zip_path.read_bytes()})
+    with pytest.raises(data.DataError, match="does not match its registered checksum"):
+        data.prepare("tiny_imagenet", str(tmp_path / "tfds"))
+    assert not tfds.builder("tiny_imagenet", data_dir=str(tmp_path / "tfds")).is_prepared()
+
+
+def test_offline_tiny_imagenet_names_the_manual_dir(tmp_path, monkeypatch):
+    from test_tfds_fmnist import serve
+
+    serve(monkeypatch, {})
+    with pytest.raises(data.DataError, match="could not be downloaded.*--manual-dir DIR"):
+        data.prepare("tiny_imagenet", str(tmp_path / "tfds"))
+
+
 @pytest.mark.slow
 def test_real_dataset_prepares_with_500_and_50_per_class(tmp_path):
     if not (TINY_FILES / tin.TAR_NAMES[0]).is_file():

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from jaxbench.datasets.tiny_imagenet import tiny_imagenet_dataset_builder as tin
+from jaxbench.datasets.tiny_imagenet import source as tin  # no TensorFlow: usable by the reader tests
 
 WNIDS = (tin.HERE / "labels.txt").read_text().split()
 GRAY_TRAIN = f"train/{WNIDS[3]}/images/{WNIDS[3]}_0.JPEG"  # the one grayscale image
