@@ -5,7 +5,7 @@
 For every 3x3 convolution of BaselineCNN and TargetCNN at batch 32, times the forward pass and the
 forward plus backward pass (input and weight gradients; only the weight gradient for a layer that
 reads the image, as in training) in JAX, compiled as `jaxbench.train` compiles the step
-(`train.compile_lowered`; BaselineCNN's first layer through `models.stem_conv()`), and in PyTorch
+(`perf.compile_lowered` with the `ynn-reduce` options; BaselineCNN's first layer as `models.tap_conv`), and in PyTorch
 (NCHW, as the twin runs, and channels-last). Also the float32 2048^2 matmul that the benchmark uses
 as its yardstick. Everything runs in one process, variants alternating within each repeat; medians
 are printed as a Markdown table. This is where the TargetCNN's JAX/PyTorch ratio comes from: the
@@ -22,7 +22,7 @@ from typing import Callable
 import jax
 from jax import lax
 
-from jaxbench import bench, models, train
+from jaxbench import bench, models, perf
 
 BATCH = 32
 # (model, resolution, in channels, out channels); the first layer of each model reads the image.
@@ -46,8 +46,8 @@ def jax_layer(model: str, size: int, cin: int, cout: int) -> dict[str, Callable[
     x = jax.random.normal(key[0], (BATCH, size, size, cin))
     w = jax.random.normal(key[1], (3, 3, cin, cout)) * 0.1
     g = jax.random.normal(key[2], (BATCH, size, size, cout))
-    stem = models.stem_conv() if (model, cin) == ("baseline", 3) else None  # as BaselineCNN does
-    conv_fn = stem or lax.conv_general_dilated
+    # BaselineCNN's first layer as `perf.stem_conv = "auto"` picks it on CPU
+    conv_fn = models.tap_conv if (model, cin) == ("baseline", 3) else lax.conv_general_dilated
     dims = lax.conv_dimension_numbers(x.shape, w.shape, models.NHWC)
 
     def conv(x, w):
@@ -60,8 +60,9 @@ def jax_layer(model: str, size: int, cin: int, cout: int) -> dict[str, Callable[
             out, vjp = jax.vjp(conv, x, w)
         return out, vjp(g)
 
-    fwd, _ = train.compile_lowered(jax.jit(conv).lower(x, w))
-    both, _ = train.compile_lowered(jax.jit(fwd_bwd).lower(x, w, g))
+    options = perf.XLA_CPU_OPTIONS["ynn-reduce"]
+    fwd, _ = perf.compile_lowered(jax.jit(conv).lower(x, w), options)
+    both, _ = perf.compile_lowered(jax.jit(fwd_bwd).lower(x, w, g), options)
     return {"fwd": lambda: fwd(x, w).block_until_ready(),
             "fwd+bwd": lambda: jax.block_until_ready(both(x, w, g))}
 

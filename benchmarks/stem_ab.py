@@ -3,10 +3,10 @@
     python benchmarks/stem_ab.py --repeats 9
 
 Times, at batch 32, the forward+backward pass alone and the whole jitted train step
-(`train.train_step`: loss, gradients, Adam update), each compiled as the Trainer compiles it
-(`train.compile_lowered`), once with the stem as XLA's convolution and once as the tap sum
-(`models.stem_conv()` on CPU). Variants alternate within every repeat; medians in ms are printed
-as a Markdown table. This is the measurement behind `models.stem_conv`.
+(`train.train_step`: loss, gradients, Adam update), compiled with `--xla-cpu` options
+(`perf.compile_lowered`), once per `perf.stem_conv` setting: "xla" (XLA's convolution) and
+"taps" (`models.tap_conv`). Variants alternate within every repeat; medians in ms are printed as
+a Markdown table. This is the measurement behind `perf.stem_conv = "auto"` choosing taps on CPU.
 """
 
 from __future__ import annotations
@@ -18,25 +18,22 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxbench import config, models, train
+from jaxbench import config, models, perf, train
 
-STEMS = {"lax": lambda: None, "taps": lambda: models.tap_conv}
+STEMS = ("xla", "taps")
 
 
-def compiled(cfg: config.Config, stem, x: jax.Array, y: jax.Array) -> dict:
-    """Zero-argument callables running the fwd+bwd and the train step with `stem()` as the stem."""
-    original, models.stem_conv = models.stem_conv, stem  # BaselineCNN looks it up when traced
-    try:
-        state = train.create_state(cfg, 1000)
+def compiled(cfg: config.Config, stem: str, options: dict, x: jax.Array, y: jax.Array) -> dict:
+    """Zero-argument callables running the fwd+bwd and the train step with stem conv `stem`."""
+    model = models.build(cfg.model, cfg.num_classes, cfg.dtype, stem_conv=stem)
+    state = train.create_state(cfg, 1000, model)
 
-        def loss(params):
-            return train.loss_and_logits(state, params, x, y, train=True)[0]
+    def loss(params):
+        return train.loss_and_logits(state, params, x, y, train=True)[0]
 
-        grad, _ = train.compile_lowered(jax.jit(jax.value_and_grad(loss)).lower(state.params))
-        step, _ = train.compile_lowered(
-            jax.jit(train.train_step, donate_argnums=0).lower(state, x, y))
-    finally:
-        models.stem_conv = original
+    grad, _ = perf.compile_lowered(jax.jit(jax.value_and_grad(loss)).lower(state.params), options)
+    step, _ = perf.compile_lowered(
+        jax.jit(train.train_step, donate_argnums=0).lower(state, x, y), options)
     params = jax.tree.map(jnp.copy, state.params)  # the step donates (deletes) state's buffers
     holder = [state]
 
@@ -52,12 +49,14 @@ def main() -> None:
     p.add_argument("--exp", default="tiny_baseline")
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--calls", type=int, default=30, help="calls per timing")
+    p.add_argument("--xla-cpu", choices=list(perf.XLA_CPU_OPTIONS), default="ynn-reduce")
     args = p.parse_args()
+    options = perf.XLA_CPU_OPTIONS[args.xla_cpu]
     cfg = config.load(args.exp)
     x = jax.random.normal(jax.random.key(0), (cfg.batch_size, cfg.image_size, cfg.image_size, 3))
     y = jnp.arange(cfg.batch_size) % cfg.num_classes
     fns = {(stem, what): fn for stem in STEMS
-           for what, fn in compiled(cfg, STEMS[stem], x, y).items()}
+           for what, fn in compiled(cfg, stem, options, x, y).items()}
     times: dict = {k: [] for k in fns}
     for _ in range(args.repeats):
         for k, fn in fns.items():
@@ -68,8 +67,8 @@ def main() -> None:
             jax.block_until_ready(out)
             times[k].append((time.perf_counter() - t0) / args.calls * 1e3)
     print(f"backend {jax.default_backend()}, jax {jax.__version__}; {args.exp}, batch "
-          f"{cfg.batch_size}; median (min) of {args.repeats} repeats of {args.calls} calls, ms\n")
-    print("| measured | stem lax | stem taps |\n|---|---:|---:|")
+          f"{cfg.batch_size}, XLA:CPU compile {args.xla_cpu}; median (min) of {args.repeats} repeats of {args.calls} calls, ms\n")
+    print("| measured | stem xla | stem taps |\n|---|---:|---:|")
     for what in ("fwd+bwd", "train step"):
         cells = [f"{statistics.median(times[(s, what)]):.2f} ({min(times[(s, what)]):.2f})"
                  for s in STEMS]

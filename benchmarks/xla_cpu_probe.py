@@ -6,13 +6,13 @@ Times one jitted forward+backward (batch 32, 64x64x3, train-mode BatchNorm) of e
 every combination of
   * the 2x2 max-pool form: `reduce` (reshape, then `.max(axis=(2, 4))`: a reduction) or
     `maxima` (reshape, then elementwise maxima: what `models.max_pool_2x2` does),
-  * BaselineCNN's first convolution: `lax` (XLA's convolution) or `taps` (`models.tap_conv`, what
-    `models.stem_conv()` picks on CPU); TargetCNN always uses XLA's, and
-  * the compile: XLA's defaults, `train.CPU_COMPILER_OPTIONS` (YNNPACK for reductions only), or
-    YNNPACK off.
+  * BaselineCNN's first convolution: `xla` (XLA's convolution) or `taps` (`models.tap_conv`, what
+    `perf.stem_conv = "auto"` picks on CPU); TargetCNN always uses XLA's, and
+  * the compile: every option set of `perf.XLA_CPU_OPTIONS` (XLA's defaults, YNNPACK for
+    reductions only, YNNPACK off).
 All variants run in one process, alternating within every repeat; the median is printed as a
-Markdown table. This is the measurement behind `models.max_pool_2x2` and
-`train.CPU_COMPILER_OPTIONS`; rerun it on another CPU before trusting those choices there.
+Markdown table. This is the measurement behind `models.max_pool_2x2` and the candidates
+of `perf.choose_xla_cpu` (which re-times them on every CPU a run starts on).
 """
 
 from __future__ import annotations
@@ -25,26 +25,21 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxbench import models, train
+from jaxbench import models, perf
 
 POOLS = {
     "reduce": lambda x: x.reshape(x.shape[0], x.shape[1] // 2, 2, x.shape[2] // 2, 2,
                                   x.shape[3]).max(axis=(2, 4)),
     "maxima": models.max_pool_2x2,
 }
-OPTIONS = {
-    "xla-default": None,
-    "tuned": train.CPU_COMPILER_OPTIONS,
-    "ynn-off": {"xla_cpu_experimental_ynn_fusion_type": ""},
-}
+OPTIONS = perf.XLA_CPU_OPTIONS
+STEMS = ("xla", "taps")
 
 
-STEMS = {"lax": lambda: None, "taps": lambda: models.tap_conv}
-
-
-def compiled_step(name: str, pool, options, stem=STEMS["taps"]):
-    """A compiled fwd+bwd of model `name` traced with `pool` as the max pool, `stem()` as the stem."""
-    model = models.build(name, 10)
+def compiled_step(name: str, pool, options, stem="taps"):
+    """A compiled fwd+bwd of model `name` with `pool` as the max pool, `stem` as the stem conv."""
+    model = {"baseline": lambda: models.BaselineCNN(10, stem_conv=models.STEM_CONVS[stem], pool=pool),
+             "target": lambda: models.TargetCNN(10, pool=pool)}[name]()
     x = jax.random.normal(jax.random.key(0), (32, 64, 64, 3))
     y = jnp.arange(32) % 10
     variables = model.init(jax.random.key(1), x, train=False)
@@ -54,28 +49,21 @@ def compiled_step(name: str, pool, options, stem=STEMS["taps"]):
                                 mutable=["batch_stats"])
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-    # Modules look both up when traced.
-    original = models.max_pool_2x2, models.stem_conv
-    models.max_pool_2x2, models.stem_conv = pool, stem
-    try:
-        lowered = jax.jit(jax.grad(loss)).lower(variables["params"])
-    finally:
-        models.max_pool_2x2, models.stem_conv = original
-    fn = lowered.compile(compiler_options=options) if options else lowered.compile()
+    fn, _ = perf.compile_lowered(jax.jit(jax.grad(loss)).lower(variables["params"]), options)
     return fn, variables["params"]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    p.add_argument("--model", action="append", choices=("baseline", "target", "densenet"))
+    p.add_argument("--model", action="append", choices=("baseline", "target"))
     p.add_argument("--repeats", type=int, default=6)
     args = p.parse_args()
     print(f"backend {jax.default_backend()}, {jax.devices()[0].device_kind}; median of "
           f"{args.repeats} repeats, ms per fwd+bwd at batch 32\n")
     print("| model | pool | stem | compile | ms |\n|---|---|---|---|---:|")
     for name in args.model or ["baseline", "target"]:
-        stems = STEMS if name == "baseline" else {"lax": STEMS["lax"]}
-        fns = {(pool, stem, opt): compiled_step(name, POOLS[pool], OPTIONS[opt], stems[stem])
+        stems = STEMS if name == "baseline" else ("xla",)
+        fns = {(pool, stem, opt): compiled_step(name, POOLS[pool], OPTIONS[opt], stem)
                for pool in POOLS for stem in stems for opt in OPTIONS}
         calls = 3 if name != "baseline" else 30
         times = {k: [] for k in fns}

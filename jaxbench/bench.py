@@ -26,22 +26,28 @@ from pathlib import Path
 from typing import Sequence
 
 from jaxbench import config as config_lib
-from jaxbench import cli, loop
+from jaxbench import cli, outputs
 from jaxbench.config import ConfigError
 
 
 VARIANTS = {"jax": ("jax", "none"), "jax-xla-default": ("jax", "none"),
-            "jax-step-only": ("jax", "none"), "torch-eager": ("torch", "none"),
+            "jax-step-only": ("jax", "none"), "jax-seeds3": ("jax", "none"),
+            "torch-eager": ("torch", "none"),
             "torch-compile": ("torch", "default"), "torch-reduce-overhead": ("torch", "reduce-overhead")}
+
+
+GROUP = (0, 1, 2)  # the seeds of the jax-seeds3 variant
 
 
 def variants(cuda: bool, only: Sequence[str] | None = None) -> list[tuple[str, str, str]]:
     """(label, framework, torch_compile) for every variant this machine can run.
 
     reduce-overhead (CUDA graphs) exists for CUDA only. jax-xla-default (the same JAX program
-    compiled without `train.CPU_COMPILER_OPTIONS`: the before/after of that choice in one run)
-    exists only where JAX runs on CPU. jax-step-only (`StepOnly`) measures the input side. JAX
-    always runs: ratios are against it.
+    compiled with XLA's default options, `perf.xla_cpu = "default"`: the before/after of the
+    run's compile choice in one run) exists only where JAX runs on CPU. jax-step-only (`StepOnly`) measures the input side. JAX
+    always runs: ratios are against it. jax-seeds3 trains seeds 0, 1, 2 as one vmapped program
+    (`--seeds`); its times are per seed (the group's time / 3), and `group_over_one` is the
+    group's epoch over one seed's.
     """
     import jax
 
@@ -55,7 +61,7 @@ def variants(cuda: bool, only: Sequence[str] | None = None) -> list[tuple[str, s
 def machine(cuda: bool) -> dict:
     import jax
 
-    info = {"cpu": loop.cpu_name(), "cores": os.cpu_count(),
+    info = {"cpu": outputs.cpu_name(), "cores": os.cpu_count(),
             "jax_device": f"{jax.devices()[0].platform} {jax.devices()[0].device_kind}"}
     if cuda:
         import torch
@@ -72,19 +78,20 @@ def machine_tag(info: dict) -> str:
 def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
     """float32 n x n matmul throughput under JAX on this machine: the yardstick for model FLOP/s.
 
-    The best of XLA's default compile and the one the train step gets (`train.compile_lowered`):
-    on XLA:CPU they pick different matmul kernels (2-core EPYC: 183 vs 204 GFLOP/s), and a
-    yardstick below what the machine can do would flatter the model's share of it.
+    The best over every XLA:CPU option set (`perf.XLA_CPU_OPTIONS`; one compile elsewhere): they
+    pick different matmul kernels, and a yardstick below what the machine can do would flatter the
+    model's share of it.
     """
     import jax
     import jax.numpy as jnp
 
-    from jaxbench import train
+    from jaxbench import perf
 
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     lowered = jax.jit(lambda x: x @ x).lower(a)
+    options = perf.XLA_CPU_OPTIONS.values() if jax.default_backend() == "cpu" else [{}]
     best = 0.0
-    for f in (lowered.compile(), train.compile_lowered(lowered)[0]):
+    for f in [perf.compile_lowered(lowered, o)[0] for o in options]:
         f(a).block_until_ready()
         t0 = time.perf_counter()
         for _ in range(repeats):
@@ -95,11 +102,16 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
 
 
 def step_gflop(trainer) -> float | None:
-    """XLA's cost analysis of one compiled JAX train call, per train step."""
+    """GFLOP of one JAX train step: XLA's cost analysis of the unoptimized, one-step program.
+
+    Not of the compiled program: on GPU the compiled HLO hands convolutions to cuDNN custom
+    calls, which the cost analysis does not count (it reported ~0.01 GFLOP for TargetCNN), and
+    a multi-step call's loop body would be counted once.
+    """
     try:
-        cost = trainer.train_fn.cost_analysis()
+        cost = trainer.one_step_lowered().cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        return float(cost["flops"]) / trainer.k / 1e9
+        return float(cost["flops"]) / 1e9
     except (AttributeError, KeyError, TypeError, IndexError):
         return None
 
@@ -132,16 +144,17 @@ class StepOnly:
         import jax
         from jax.sharding import NamedSharding, PartitionSpec
 
-        from jaxbench import data, train
+        from jaxbench import data, perf, train
 
         t0 = time.perf_counter()
         t, b = self.trainer, self.trainer.cfg.batch_size
-        images, labels = t.dev["train"]
+        images, labels = t.images["train"]
         batch = NamedSharding(t.mesh, PartitionSpec("data"))
         self.x = jax.device_put(data.preprocess(images[:b], t.mean, t.std, t.cfg.image_size), batch)
         self.y = jax.device_put(labels[:b], batch)
         step = jax.jit(train.train_step, donate_argnums=0)
-        self.fn, _ = train.compile_lowered(step.lower(state, self.x, self.y), t.tuned)
+        self.fn, _ = perf.compile_lowered(step.lower(state, self.x, self.y),
+                                          t.perf.compiler_options)
         return time.perf_counter() - t0
 
     def train_epoch(self, state, epoch: int):
@@ -156,8 +169,9 @@ def bench_experiment(cfg, train, test, repeats: int, epochs_per_repeat: int, cud
                      only: Sequence[str] | None = None, log=print) -> dict:
     trainers, states, warm = {}, {}, {}
     for label, framework, mode in variants(cuda, only):
-        trainer = cli.make_trainer(framework, cfg, train, test, torch_compile=mode,
-                                   xla_tuned=label != "jax-xla-default")
+        variant_cfg = cfg.replace(xla_cpu="default") if label == "jax-xla-default" else cfg
+        seeds = GROUP if label == "jax-seeds3" else None
+        trainer = cli.make_trainer(framework, variant_cfg, train, test, mode, seeds)
         if label == "jax-step-only":
             trainer = StepOnly(trainer)
         state = trainer.init_state()
@@ -182,13 +196,17 @@ def bench_experiment(cfg, train, test, repeats: int, epochs_per_repeat: int, cud
     images = next(iter(trainers.values())).steps_per_epoch * cfg.batch_size
     rows = {}
     for label, ts in times.items():
-        median = statistics.median(ts)
+        median = statistics.median(ts) / (len(GROUP) if label == "jax-seeds3" else 1)
         rows[label] = {**warm[label], "times_s": ts, "median_s": median,
                        "per_1000_images_s": median / images * 1000, "images_per_s": images / median}
+    if "jax-seeds3" in rows:
+        rows["jax-seeds3"]["group_over_one"] = (len(GROUP) * rows["jax-seeds3"]["median_s"]
+                                                / rows["jax"]["median_s"])
     for label, row in rows.items():
         row["jax_over_this"] = rows["jax"]["median_s"] / row["median_s"]
     gflop = step_gflop(trainers["jax"])
-    out = {"images_per_repeat": images, "variants": rows}
+    out = {"images_per_repeat": images, "variants": rows,
+           "jax_perf": trainers["jax"].perf.to_dict()}
     if "jax-step-only" in rows:
         out["input_share"] = 1 - rows["jax-step-only"]["median_s"] / rows["jax"]["median_s"]
     if gflop:
@@ -209,10 +227,11 @@ def markdown(result: dict) -> str:
              f"Median of {result['repeats']} repeats, variants alternated within each repeat "
              "(order rotated from one repeat to the next); "
              f"time {unit}. `JAX / this` is JAX's time over this variant's: above 1 JAX is slower, "
-             f"below 1 faster. `jax-xla-default` is the same JAX program compiled without "
-             f"`train.CPU_COMPILER_OPTIONS`. JAX model FLOP/s is XLA's cost analysis of the train "
-             f"step over its time, against a float32 2048x2048 matmul under JAX in the same run "
-             f"(the faster of XLA's default and the tuned compile): "
+             f"below 1 faster. `jax-xla-default` is the same JAX program compiled with XLA's "
+             f"default options (`jax` uses the run's `perf.xla_cpu` choice, listed below the table). "
+             f"JAX model FLOP/s is XLA's cost analysis of the unoptimized one-step train program "
+             f"over its time, against a float32 2048x2048 matmul under JAX in the same run "
+             f"(the fastest over XLA:CPU's option sets): "
              f"{result['matmul_peak_gflops']:.0f} GFLOP/s.", "",
              f"| experiment | variant | {unit} (s) | images/s | JAX / this | warm-up (s) |",
              "|---|---|---:|---:|---:|---:|"]
@@ -221,6 +240,15 @@ def markdown(result: dict) -> str:
             value = row["median_s"] if unit == "per epoch" else row["per_1000_images_s"]
             lines.append(f"| {exp} | {label} | {value:.3f} | {row['images_per_s']:.0f} | "
                          f"{row['jax_over_this']:.2f} | {row['warmup_s']:.1f} |")
+    lines += ["", "JAX compile per experiment: " + "; ".join(
+        f"{exp} `{res['jax_perf']['xla_cpu']}`" for exp, res in result["experiments"].items()
+        if "jax_perf" in res) + "."]
+    groups = [(exp, res["variants"]["jax-seeds3"]["group_over_one"])
+              for exp, res in result["experiments"].items() if "jax-seeds3" in res["variants"]]
+    if groups:
+        lines += ["", "`jax-seeds3` (seeds 0, 1, 2 as one vmapped program; its row is per seed): "
+                  "the group's epoch over one seed's: " + "; ".join(
+                      f"{exp} {ratio:.2f}x" for exp, ratio in groups) + "."]
     flops = [(exp, res) for exp, res in result["experiments"].items() if "jax_gflops" in res]
     if flops:
         peak = result["matmul_peak_gflops"]
@@ -285,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = machine_tag(info)
-    loop.write_json(out / f"{tag}.json", result)
+    outputs.write_json(out / f"{tag}.json", result)
     (out / f"{tag}.md").write_text(markdown(result))
     print(markdown(result))
     print(f"wrote {out / tag}.json and .md")

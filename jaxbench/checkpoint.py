@@ -1,4 +1,4 @@
-"""Checkpoints with orbax: every epoch (asynchronously), the last 2 plus the best by test accuracy.
+"""Checkpoints with orbax: every epoch (asynchronously), the last 2 plus the best by eval accuracy.
 
 A checkpoint holds everything an exact resume needs: the TrainState (params, batch_stats,
 optimizer state, step), the metric sums of a partly done epoch, and a JSON record of progress
@@ -23,7 +23,7 @@ class Checkpoints:
         self.directory = Path(directory).absolute()
         policy = pp.AnyPreservationPolicy([
             pp.LatestN(keep_last),
-            pp.BestN(get_metric_fn=lambda m: m["test_acc"], reverse=False, n=1,
+            pp.BestN(get_metric_fn=lambda m: m["eval_acc"], reverse=False, n=1,
                      keep_checkpoints_without_metrics=False),
         ])
         options = ocp.CheckpointManagerOptions(preservation_policy=policy,
@@ -37,11 +37,11 @@ class Checkpoints:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def save(self, step: int, train: Any, progress: dict, test_acc: float | None) -> None:
+    def save(self, step: int, train: Any, progress: dict, eval_acc: float | None) -> None:
         """Start an asynchronous save; `wait` (or the next save) makes it durable."""
         self.manager.save(step, args=ocp.args.Composite(
             train=ocp.args.StandardSave(train), progress=ocp.args.JsonSave(progress)),
-            metrics=None if test_acc is None else {"test_acc": test_acc}, force=True)
+            metrics=None if eval_acc is None else {"eval_acc": eval_acc}, force=True)
 
     def restore(self, like: Any, step: int | None = None) -> tuple[Any, dict]:
         """Restore into the structure (and shardings) of `like`; returns (train pytree, progress)."""
@@ -50,6 +50,11 @@ class Checkpoints:
         out = self.manager.restore(step, args=ocp.args.Composite(
             train=ocp.args.StandardRestore(abstract), progress=ocp.args.JsonRestore()))
         return out["train"], out["progress"]
+
+    def progress(self, step: int) -> dict:
+        """The JSON progress record of checkpoint `step`, without reading its tensors."""
+        out = self.manager.restore(step, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))
+        return out["progress"]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from jaxbench import config as config_lib
+from jaxbench import perf
 from jaxbench.config import ConfigError
 
 EXIT_USAGE = 2
@@ -38,6 +39,21 @@ positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
 
 
+def seed_list(text: str) -> tuple[int, ...]:
+    """`--seeds 0,1,2` (a list) or `--seeds 3` (shorthand for 0,1,2)."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seeds like 0,1,2 or a count like 3, got {text!r}") from None
+    if "," not in text and len(values) == 1:
+        if values[0] < 1:
+            raise argparse.ArgumentTypeError(f"expected a positive seed count, got {values[0]}")
+        values = list(range(values[0]))
+    if not values or min(values) < 0 or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"expected distinct seeds >= 0, got {text!r}")
+    return tuple(values)
+
+
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     """Flags shared by every command that loads an experiment's data (run, bench)."""
     parser.add_argument("--data-dir", help="tfds data_dir (default: tfds' own, ~/tensorflow_datasets)")
@@ -49,17 +65,31 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-limit", type=positive_int, help="use only the first N eval examples")
     parser.add_argument("--batch-size", type=positive_int, help="override the experiment's batch size")
     parser.add_argument("--seed", type=non_negative_int, help="override the experiment's seed")
-    parser.add_argument("--dtype", choices=config_lib.DTYPES,
-                        help="compute dtype (default: the experiment's, float32). bfloat16 runs "
-                        "convolutions and matmuls in bfloat16 (JAX: flax dtype; PyTorch: autocast) "
-                        "with float32 parameters, optimizer state, BatchNorm statistics and loss")
+    add_perf_args(parser)
+
+
+def add_perf_args(parser: argparse.ArgumentParser) -> None:
+    """Overrides of the experiment's [perf] table (jaxbench/perf.py); each is recorded."""
+    g = parser.add_argument_group("speed choices (override the experiment's [perf] table)")
+    g.add_argument("--dtype", choices=perf.DTYPES,
+                   help="compute dtype (default float32). bfloat16 runs convolutions and matmuls "
+                   "in bfloat16 (JAX: flax dtype; PyTorch: autocast) with float32 parameters, "
+                   "optimizer state, BatchNorm statistics and loss")
+    g.add_argument("--steps-per-call", type=positive_int,
+                   help="train steps fused into one jitted call (default auto: 1 on CPU, 50 else)")
+    g.add_argument("--stem-conv", choices=perf.STEM_CONVS,
+                   help="BaselineCNN's first convolution: XLA's, or a tap sum (auto: taps on CPU)")
+    g.add_argument("--xla-cpu", choices=perf.XLA_CPU,
+                   help="XLA:CPU compile options (auto: the fastest that agrees with XLA's "
+                   "default compile in a float32 self-check)")
 
 
 def resolve(args: argparse.Namespace) -> config_lib.Config:
     cfg = config_lib.load(args.exp)
     return cfg.replace(epochs=getattr(args, "epochs", None), batch_size=args.batch_size,
                        seed=args.seed, train_limit=args.train_limit, eval_limit=args.eval_limit,
-                       dtype=args.dtype)
+                       dtype=args.dtype, steps_per_call=args.steps_per_call,
+                       stem_conv=args.stem_conv, xla_cpu=args.xla_cpu)
 
 
 def enable_compile_cache() -> str | None:
@@ -79,13 +109,13 @@ def enable_compile_cache() -> str | None:
     return path
 
 
-def make_trainer(framework: str, cfg: config_lib.Config, train, test, steps_per_call=None,
-                 torch_compile: str = "none", xla_tuned: bool = True):
-    """The JAX Trainer or its PyTorch twin; both serve `fit` and the benchmark alike."""
+def make_trainer(framework: str, cfg: config_lib.Config, train, test,
+                 torch_compile: str = "none", seeds: Sequence[int] | None = None):
+    """The JAX Trainer (one seed, or a vmapped seed group) or its PyTorch twin (one seed)."""
     if framework == "jax":
-        from jaxbench.train import Trainer
+        from jaxbench.trainer import Trainer
 
-        return Trainer(cfg, train, test, steps_per_call=steps_per_call, tuned=xla_tuned)
+        return Trainer(cfg, train, test, seeds=seeds)
     try:
         from jaxbench import torch_twin
     except ImportError:

@@ -11,11 +11,12 @@ import os
 import tomllib
 from pathlib import Path
 
+from jaxbench.perf import Perf
+
 DATASETS = {"fashion_mnist": 10, "tiny_imagenet": 200}
 MODELS = ("baseline", "target", "densenet")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine")
-DTYPES = ("float32", "bfloat16")  # compute dtype; parameters and optimizer state stay float32
 
 
 class ConfigError(ValueError):
@@ -40,15 +41,26 @@ class Config:
     eval_split: str = "test"
     train_limit: int | None = None
     eval_limit: int | None = None
-    dtype: str = "float32"
+    perf: Perf = Perf()  # speed choices: the experiment's [perf] table (see jaxbench/perf.py)
 
     @property
     def num_classes(self) -> int:
         return DATASETS[self.dataset]
 
+    @property
+    def dtype(self) -> str:
+        return self.perf.dtype
+
     def replace(self, **changes) -> "Config":
-        """Apply CLI overrides; `None` means 'keep the experiment's value'."""
+        """Apply CLI overrides; `None` means 'keep the experiment's value'.
+
+        Keys of `Perf` (dtype, steps_per_call, stem_conv, xla_cpu) go into the perf table.
+        """
         changes = {k: v for k, v in changes.items() if v is not None}
+        perf_keys = {f.name for f in dataclasses.fields(Perf)}
+        perf = {k: changes.pop(k) for k in list(changes) if k in perf_keys}
+        if perf:
+            changes["perf"] = dataclasses.replace(self.perf, **perf)
         return validate(dataclasses.replace(self, **changes))
 
     def to_dict(self) -> dict:
@@ -88,6 +100,12 @@ def load(name_or_path: str) -> Config:
     if unknown:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; valid keys are {sorted(fields)}.")
     raw.setdefault("name", path.stem)
+    perf = raw.get("perf", {})
+    perf_keys = {f.name for f in dataclasses.fields(Perf)}
+    if not isinstance(perf, dict) or set(perf) - perf_keys:
+        raise ConfigError(f"{path}: [perf] may hold only {sorted(perf_keys)}, got "
+                          f"{sorted(perf) if isinstance(perf, dict) else perf!r}.")
+    raw["perf"] = Perf(**perf)
     try:
         cfg = Config(**raw)
     except TypeError as err:
@@ -104,7 +122,8 @@ def validate(cfg: Config, where: str = "config") -> Config:
     need(cfg.model in MODELS, f"model must be one of {MODELS}, got {cfg.model!r}.")
     need(cfg.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {cfg.optimizer!r}.")
     need(cfg.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {cfg.schedule!r}.")
-    need(cfg.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {cfg.dtype!r}.")
+    for problem in cfg.perf.check():
+        need(False, problem + ".")
     for key in ("batch_size", "epochs", "image_size"):
         value = getattr(cfg, key)
         need(isinstance(value, int) and value > 0, f"{key} must be a positive integer, got {value!r}.")

@@ -7,22 +7,19 @@ last checkpoint left off; metrics.jsonl is rebuilt from the checkpoint so every 
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import platform
+import dataclasses
 import shutil
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Protocol
 
-import jax
 import numpy as np
 
 from jaxbench.config import Config, ConfigError
+from jaxbench.outputs import Outputs, params_digest
 
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
@@ -32,38 +29,45 @@ class Interrupted(RuntimeError):
     """Ctrl-C: a checkpoint was saved (when the trainer supports it); the message says how to resume."""
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary name, then rename: a crash never leaves a truncated file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+class Diverged(RuntimeError):
+    """A non-finite training loss; carries where it happened."""
+
+    def __init__(self, epoch: int, step: int, seed: int | None = None):
+        where = f" of seed {seed}" if seed is not None else ""
+        super().__init__(f"the training loss{where} became NaN or Inf at epoch {epoch}, step "
+                         f"{step} of that epoch")
+        self.epoch, self.step, self.seed = epoch, step, seed
 
 
-def write_json(path: Path, obj: Any) -> None:
-    write_atomic(path, json.dumps(obj, indent=2) + "\n")
+class Trainer(Protocol):
+    """What `fit` and the benchmark need from a framework: `trainer.Trainer` (JAX) and
+    `torch_twin.Trainer` implement it; the loop never asks which one it has."""
 
+    cfg: Config
+    seeds: tuple[int, ...]  # the seeds it trains: one, or a `--seeds` group
+    grouped: bool  # a group: one folder per seed
+    checkpointable: bool  # its state round-trips through orbax (resume works)
+    steps_per_epoch: int
+    train_size: int
+    eval_size: int
+    mean: np.ndarray  # the normalization constants, recorded in summary.json
+    std: np.ndarray
 
-def params_digest(trainer, state) -> str:
-    """sha256 over the final parameters' bytes: equal digests mean bit-identical weights."""
-    digest = hashlib.sha256()
-    for leaf in trainer.param_leaves(state):
-        digest.update(np.ascontiguousarray(leaf).tobytes())
-    return digest.hexdigest()
-
-
-def summarize_history(history: list[dict]) -> dict:
-    if not history:
-        return {"epochs_completed": 0}
-    steady = history[1:] or history
-    best = max(history, key=lambda r: r["test_acc"])
-    return {"epochs_completed": history[-1]["epoch"], "final_test_acc": history[-1]["test_acc"],
-            "final_test_loss": history[-1]["test_loss"], "best_test_acc": best["test_acc"],
-            "best_epoch": best["epoch"],
-            "mean_epoch_time_s": sum(r["epoch_time_s"] for r in steady) / len(steady),
-            "first_epoch_time_s": history[0]["epoch_time_s"]}
+    def init_state(self) -> Any: ...
+    def compile(self, state: Any) -> float: ...  # seconds spent compiling, reported apart
+    def zero_sums(self) -> Any: ...
+    def train_epoch(self, state: Any, epoch: int, sums: Any = None, start: int = 0,
+                    progress: Callable[[int], None] = ..., stop: Callable[[], bool] = ...
+                    ) -> tuple[Any, Any, int]: ...  # raises Diverged
+    def summarize(self, sums: Any) -> list[dict]: ...  # per seed: {"loss", "acc", "count"}
+    def evaluate(self, state: Any) -> list[dict]: ...  # per seed
+    def checkpoint_tree(self, state: Any, sums: Any) -> Any: ...
+    def global_step(self, state: Any) -> int: ...
+    def param_leaves(self, state: Any, member: int = 0) -> list[np.ndarray]: ...
+    def param_count(self, state: Any) -> int: ...
+    def lr(self, state: Any) -> float: ...
+    def record(self) -> dict: ...  # framework-specific summary.json entries
+    def adopt(self, progress: dict) -> None: ...  # a resumed run's recorded decisions
 
 
 class _StopFlag:
@@ -93,168 +97,154 @@ class _StopFlag:
         return self.event.is_set()
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+@dataclasses.dataclass
+class Progress:
+    """Where a run stands: what a checkpoint's JSON record holds besides the tensors."""
+
+    histories: list[list[dict]]  # per seed, one row per finished epoch
+    epoch: int = 1  # the next epoch to train
+    step_in_epoch: int = 0  # steps of `epoch` already done
+
+    def record(self, cfg: Config, trainer: Trainer) -> dict:
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                "histories": self.histories, "seeds": list(trainer.seeds),
+                "config": cfg.to_dict(), **trainer.record()}
 
 
-def environment_info(framework: str = "jax") -> dict[str, Any]:
-    """Where and with what a run happened, for summary.json."""
-    import flax
-    import jaxlib
-    import optax
+def open_checkpoints(trainer: Trainer, out_dir: Path, checkpoint_dir: Path | None,
+                     resume: bool, restart: bool):
+    """The run's `Checkpoints`, or None for a trainer that keeps none."""
+    if not trainer.checkpointable:
+        if resume:
+            raise ConfigError("--resume: checkpoints exist for the JAX path only, not for the "
+                              "PyTorch twin.")
+        return None
+    from jaxbench.checkpoint import Checkpoints
 
-    dev = jax.devices()[0]
-    versions = {"python": platform.python_version(), "jax": jax.__version__,
-                "jaxlib": jaxlib.__version__, "flax": flax.__version__,
-                "optax": optax.__version__, "numpy": np.__version__}
-    try:
-        import tensorflow_datasets as tfds
-        versions["tfds"] = tfds.__version__
-    except ImportError:
-        versions["tfds"] = None
-    if framework == "torch":
-        import torch
-
-        versions["torch"] = torch.__version__
-        if torch.cuda.is_available():
-            return {"device": {"platform": "gpu", "name": torch.cuda.get_device_name(),
-                               "count": torch.cuda.device_count(), "cpu": cpu_name(),
-                               "cores": os.cpu_count()}, "versions": versions}
-        return {"device": {"platform": "cpu", "name": "cpu", "count": 1, "cpu": cpu_name(),
-                           "cores": os.cpu_count(), "threads": torch.get_num_threads()},
-                "versions": versions}
-    return {"device": {"platform": dev.platform, "name": dev.device_kind,
-                       "count": jax.device_count(), "cpu": cpu_name(), "cores": os.cpu_count()},
-            "versions": versions}
+    path = Path(checkpoint_dir or out_dir / "checkpoints")
+    if restart and path.exists():
+        shutil.rmtree(path)
+    return Checkpoints(path)
 
 
-def fit(cfg: Config, trainer, out_dir: Path, framework: str = "jax",
+def restore_or_init(cfg: Config, trainer: Trainer, ckpts, resume: bool) -> tuple[Any, Any, Progress]:
+    """A fresh state, or the latest checkpoint's when resuming; compiles the steps either way."""
+    latest = ckpts.latest_step() if ckpts is not None else None
+    if ckpts is not None and not resume and latest is not None:
+        raise ConfigError(f"{ckpts.directory} already holds checkpoints of an earlier run "
+                          f"(latest step {latest}). Pass --resume to continue that run, or "
+                          "--restart to discard them and start over.")
+    if resume and latest is None:
+        raise ConfigError(f"--resume: no checkpoint in {ckpts.directory}; run without --resume "
+                          "to start the experiment.")
+    previous = ckpts.progress(latest) if resume else None
+    if previous is not None:
+        if previous["config"] != cfg.to_dict() or previous.get("seeds") != list(trainer.seeds):
+            diff = sorted(k for k in cfg.to_dict() if previous["config"].get(k) != cfg.to_dict()[k])
+            diff += ["seeds"] if previous.get("seeds") != list(trainer.seeds) else []
+            raise ConfigError(f"--resume: the checkpoint in {ckpts.directory} was made with other "
+                              f"settings ({', '.join(diff)}); resume with the same flags, or "
+                              "pass --restart to discard it.")
+        trainer.adopt(previous)  # the interrupted run's speed decisions: the same program
+    state = trainer.init_state()
+    trainer.compile_time_s = trainer.compile(state)
+    sums, progress = trainer.zero_sums(), Progress([[] for _ in trainer.seeds])
+    if previous is not None:
+        tree, _ = ckpts.restore(trainer.checkpoint_tree(state, sums), latest)
+        state, sums = tree["state"], tree["sums"]
+        progress = Progress(previous["histories"], previous["epoch"], previous["step_in_epoch"])
+        print(f"[{cfg.name}] resumed from {ckpts.directory} (step {latest}): epoch "
+              f"{progress.epoch}, step {progress.step_in_epoch} of {trainer.steps_per_epoch}",
+              flush=True)
+    return state, sums, progress
+
+
+def fit(cfg: Config, trainer: Trainer, out_dir: Path, framework: str = "jax",
         checkpoint_dir: Path | None = None, resume: bool = False, restart: bool = False,
-        environment: dict | None = None, resume_hint: str = "", extra: dict | None = None) -> dict:
+        resume_hint: str = "", extra: dict | None = None) -> dict:
     """Train every epoch, evaluate after each, keep metrics.jsonl / summary.json / checkpoints."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpts = open_checkpoints(trainer, out_dir, checkpoint_dir, resume, restart)
+    try:
+        state, sums, progress = restore_or_init(cfg, trainer, ckpts, resume)
+        outputs = Outputs(cfg, trainer, out_dir, framework, extra, state)
+        print(f"[{cfg.name}] {framework}: {trainer.param_count(state):,} params, "
+              f"{trainer.train_size:,} train / {trainer.eval_size:,} {cfg.eval_split} images, "
+              f"{trainer.steps_per_epoch} steps/epoch, compiled in {trainer.compile_time_s:.1f}s",
+              flush=True)
+        if trainer.grouped:
+            print(f"[{cfg.name}] seed group {list(trainer.seeds)}: one program, one folder per "
+                  "seed", flush=True)
+        if "perf" in outputs.summary:
+            print(f"[{cfg.name}] {trainer.perf.line()}", flush=True)
+        outputs.write(progress.histories)
+        if progress.epoch > cfg.epochs:
+            print(f"[{cfg.name}] already finished: all {cfg.epochs} epochs are in "
+                  f"{ckpts.directory}; nothing to do.", flush=True)
+            outputs.write(progress.histories, digests(trainer, state))
+            return outputs.summary
+        train_and_evaluate(cfg, trainer, state, sums, progress, ckpts, outputs, resume_hint)
+    finally:
+        if ckpts is not None:
+            ckpts.close()
+    for seed, s in zip(trainer.seeds, outputs.summaries):
+        name = f"{cfg.name} seed {seed}" if trainer.grouped else cfg.name
+        print(f"[{name}] done: {cfg.eval_split} acc {s['final_eval_acc']:.4f} (best "
+              f"{s['best_eval_acc']:.4f} at epoch {s['best_epoch']})", flush=True)
+    print(f"[{cfg.name}] wrote metrics.jsonl and summary.json under {out_dir}", flush=True)
+    return outputs.summary
+
+
+def digests(trainer: Trainer, state: Any) -> list[dict]:
+    return [{"params_sha256": params_digest(trainer, state, i)} for i in range(len(trainer.seeds))]
+
+
+def train_and_evaluate(cfg: Config, trainer: Trainer, state: Any, sums: Any, progress: Progress,
+                       ckpts, outputs: Outputs, resume_hint: str) -> None:
+    """The epochs: train, evaluate, record, checkpoint; Ctrl-C saves a mid-epoch checkpoint."""
     from tqdm import tqdm
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    primary = framework != "jax" or jax.process_index() == 0
-    ckpts = None
-    if trainer.checkpointable:
-        from jaxbench.checkpoint import Checkpoints
-
-        ckpt_path = Path(checkpoint_dir or out_dir / "checkpoints")
-        if restart and ckpt_path.exists():
-            shutil.rmtree(ckpt_path)
-        ckpts = Checkpoints(ckpt_path)
-    elif resume:
-        raise ConfigError(f"--resume: checkpoints exist for the JAX path only, not for {framework}.")
-
-    state = trainer.init_state()
-    compile_s = trainer.compile(state)
-    sums, history, epoch, start = trainer.zero_sums(), [], 1, 0
-    if ckpts is not None:
-        latest = ckpts.latest_step()
-        if resume:
-            if latest is None:
-                raise ConfigError(f"--resume: no checkpoint in {ckpts.directory}; run without "
-                                  "--resume to start the experiment.")
-            tree, progress = ckpts.restore(trainer.checkpoint_tree(state, sums))
-            state, sums = tree["state"], tree["sums"]
-            if progress["config"] != cfg.to_dict():
-                diff = sorted(k for k in cfg.to_dict() if progress["config"].get(k) != cfg.to_dict()[k])
-                raise ConfigError(f"--resume: the checkpoint in {ckpts.directory} was made with other "
-                                  f"settings ({', '.join(diff)}); resume with the same flags, or "
-                                  "pass --restart to discard it.")
-            history, epoch, start = progress["history"], progress["epoch"], progress["step_in_epoch"]
-            print(f"[{cfg.name}] resumed from {ckpts.directory} (step {latest}): epoch {epoch}, "
-                  f"step {start} of {trainer.steps_per_epoch}", flush=True)
-        elif latest is not None:
-            raise ConfigError(f"{ckpts.directory} already holds checkpoints of an earlier run "
-                              f"(latest step {latest}). Pass --resume to continue that run, or "
-                              "--restart to discard them and start over.")
-
-    print(f"[{cfg.name}] {framework}: {trainer.param_count(state):,} params, "
-          f"{len(trainer.train):,} train / {len(trainer.test):,} eval images, "
-          f"{trainer.steps_per_epoch} steps/epoch, compiled in {compile_s:.1f}s", flush=True)
-    summary = {"experiment": cfg.name, "framework": framework,
-               "params": trainer.param_count(state), "compile_time_s": compile_s,
-               **(environment or environment_info(framework)),
-               # What the JAX steps were compiled with (train.compile_lowered): shapes CPU speed.
-               **({"xla_compiler_options": trainer.compiler_options}
-                  if framework == "jax" else {}),
-               "normalization": {"mean": trainer.mean.tolist(), "std": trainer.std.tolist()},
-               "config": cfg.to_dict(), "train_examples": len(trainer.train),
-               "eval_examples": len(trainer.test), **(extra or {})}
-
-    def record() -> None:
-        summary.update(summarize_history(history))
-        if not primary:  # multi-host: process 0 alone writes the run's files
-            return
-        write_atomic(out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
-        write_json(out_dir / "summary.json", summary)
-
-    def progress_record(next_epoch: int, step_in_epoch: int) -> dict:
-        return {"epoch": next_epoch, "step_in_epoch": step_in_epoch, "history": history,
-                "config": cfg.to_dict()}
-
-    record()
-    if epoch > cfg.epochs:
-        print(f"[{cfg.name}] already finished: all {cfg.epochs} epochs are in {ckpts.directory}; "
-              "nothing to do.", flush=True)
-        summary["params_sha256"] = params_digest(trainer, state)
-        record()
-        ckpts.close()
-        return summary
-
     images = trainer.steps_per_epoch * cfg.batch_size
-    try:
-        with _StopFlag() as stop:
-            while epoch <= cfg.epochs:
-                t0 = time.perf_counter()
-                with tqdm(total=images, initial=start * cfg.batch_size, unit="img", leave=False,
-                          desc=f"epoch {epoch}/{cfg.epochs}", file=sys.stderr, disable=None) as bar:
-                    state, sums, done = trainer.train_epoch(state, epoch, sums, start,
-                                                            progress=bar.update, stop=stop)
-                train_s = time.perf_counter() - t0
-                if done < trainer.steps_per_epoch:
-                    where = f"epoch {epoch}, step {done} of {trainer.steps_per_epoch}"
-                    if ckpts is None:
-                        raise Interrupted(f"interrupted at {where}; the {framework} path keeps no "
-                                          "checkpoints, so a rerun starts over.")
-                    ckpts.save(trainer.global_step(state), trainer.checkpoint_tree(state, sums),
-                               progress_record(epoch, done), None)
-                    ckpts.wait()
-                    raise Interrupted(f"interrupted at {where}; checkpoint saved in "
-                                      f"{ckpts.directory}. Resume with: {resume_hint}")
-                tr = trainer.summarize(sums)
-                ev = trainer.evaluate(state)
+    with _StopFlag() as stop:
+        while progress.epoch <= cfg.epochs:
+            epoch, start = progress.epoch, progress.step_in_epoch
+            t0 = time.perf_counter()
+            with tqdm(total=images, initial=start * cfg.batch_size, unit="img", leave=False,
+                      desc=f"epoch {epoch}/{cfg.epochs}", file=sys.stderr, disable=None) as bar:
+                state, sums, done = trainer.train_epoch(state, epoch, sums, start,
+                                                        progress=bar.update, stop=stop)
+            train_s = time.perf_counter() - t0
+            if done < trainer.steps_per_epoch:
+                where = f"epoch {epoch}, step {done} of {trainer.steps_per_epoch}"
+                if ckpts is None:
+                    raise Interrupted(f"interrupted at {where}; this trainer keeps no "
+                                      "checkpoints, so a rerun starts over.")
+                progress.step_in_epoch = done
+                ckpts.save(trainer.global_step(state), trainer.checkpoint_tree(state, sums),
+                           progress.record(cfg, trainer), None)
+                ckpts.wait()
+                raise Interrupted(f"interrupted at {where}; checkpoint saved in "
+                                  f"{ckpts.directory}. Resume with: {resume_hint}")
+            evals = trainer.evaluate(state)
+            eval_s = time.perf_counter() - t0 - train_s
+            for seed, tr, ev, history in zip(trainer.seeds, trainer.summarize(sums), evals,
+                                             progress.histories):
                 row = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"],
-                       "test_loss": ev["loss"], "test_acc": ev["acc"], "epoch_time_s": train_s,
-                       "eval_time_s": time.perf_counter() - t0 - train_s,
+                       "eval_loss": ev["loss"], "eval_acc": ev["acc"], "epoch_time_s": train_s,
+                       "eval_time_s": eval_s,
                        "images_per_s": (done - start) * cfg.batch_size / train_s,
                        "lr": trainer.lr(state)}
                 if start:
                     row["resumed_at_step"] = start
                 history.append(row)
-                print(f"[{cfg.name}] epoch {epoch}/{cfg.epochs}  train loss {tr['loss']:.4f} "
+                name = f"{cfg.name} seed {seed}" if trainer.grouped else cfg.name
+                print(f"[{name}] epoch {epoch}/{cfg.epochs}  train loss {tr['loss']:.4f} "
                       f"acc {tr['acc']:.4f} | {cfg.eval_split} loss {ev['loss']:.4f} "
                       f"acc {ev['acc']:.4f} | {train_s:.1f}s ({row['images_per_s']:.0f} img/s) "
                       f"lr {row['lr']:.3g}", flush=True)
-                if epoch == cfg.epochs:
-                    summary["params_sha256"] = params_digest(trainer, state)
-                record()
-                epoch, start, sums = epoch + 1, 0, trainer.zero_sums()
-                if ckpts is not None:
-                    ckpts.save(trainer.global_step(state), trainer.checkpoint_tree(state, sums),
-                               progress_record(epoch, 0), ev["acc"])
-    finally:
-        if ckpts is not None:
-            ckpts.close()
-    print(f"[{cfg.name}] done: {cfg.eval_split} acc {summary['final_test_acc']:.4f} "
-          f"(best {summary['best_test_acc']:.4f} at epoch {summary['best_epoch']}); "
-          f"wrote {out_dir}/metrics.jsonl and summary.json", flush=True)
-    return summary
+            outputs.write(progress.histories,
+                          digests(trainer, state) if epoch == cfg.epochs else None)
+            progress.epoch, progress.step_in_epoch, sums = epoch + 1, 0, trainer.zero_sums()
+            if ckpts is not None:  # "best" by the group's mean eval accuracy
+                ckpts.save(trainer.global_step(state), trainer.checkpoint_tree(state, sums),
+                           progress.record(cfg, trainer), float(np.mean([e["acc"] for e in evals])))

@@ -14,7 +14,7 @@ Widths, chosen to land on the paper's totals (exact counts in the README, from `
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -28,7 +28,7 @@ BN_EPSILON = 1e-5
 TARGET_BLOCKS: tuple[tuple[int, ...], ...] = ((64,), (128, 128), (256, 256), (512,))
 
 
-def wide(dtype: Any) -> Any:
+def at_least_float32(dtype: Any) -> Any:
     """float32 for bfloat16 compute (logits, pooled features); float64 stays float64 (tests)."""
     return jnp.promote_types(dtype, jnp.float32)
 
@@ -38,9 +38,8 @@ def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
 
     Equal to `nn.max_pool(x, (2, 2), (2, 2))` in value. Written without a reduction on purpose:
     the windowed op's gradient lowers to `select_and_scatter`, a slow path on XLA:CPU, and a
-    `max` reduce over the window axes runs as a slow YNNPACK reduce fusion under
-    `train.CPU_COMPILER_OPTIONS` (BaselineCNN fwd+bwd on the 2-core CPU: 25.1 ms with
-    `.max(axis=(2, 4))` vs 21.1 ms with this form; results/speed/xla_cpu_probe.md). Gradients
+    `max` reduce over the window axes runs as a slow YNNPACK reduce fusion under the
+    `ynn-reduce` compile (measurements: results/speed/xla_cpu_probe.md). Gradients
     differ from the windowed op only on exact ties inside a window (split between them rather
     than given to one element); after a ReLU such ties are zeros, whose gradient ReLU discards.
     """
@@ -63,10 +62,10 @@ def tap_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padd
     multiply-adds, the forward pass is one loop fusion over the output, vectorized along its
     channels. It runs as the taken branch of a `lax.cond` for a reason: XLA would otherwise fuse
     (and so recompute) the 9*C products into each consumer of the output (ReLU, pooling and their
-    gradients; BaselineCNN fwd+bwd 20 -> 57 ms), and it drops `optimization_barrier`s before
-    fusion; a branch computation is a boundary fusion cannot cross (a two-trip `lax.map` over
-    batch halves is one too, but ran slower: 18.6 vs 17.1 ms). The predicate is true unless the
-    weights hold a NaN, where the other branch returns NaNs, so divergence still shows in the loss.
+    gradients), and it drops `optimization_barrier`s before fusion; a branch computation is a
+    boundary fusion cannot cross. The predicate is true unless the weights hold a NaN, where the
+    other branch returns NaNs, so divergence still shows in the loss. Chosen by the run's
+    `perf.stem_conv` setting; measurements in results/speed/.
     The backward pass stays XLA's convolution, so values differ from `lax.conv_general_dilated`
     only by float summation order. Anything but a stride-1, undilated, ungrouped NHWC/HWIO
     convolution goes to `lax.conv_general_dilated` unchanged. A drop-in for flax's
@@ -104,16 +103,7 @@ def tap_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padd
     return taps(lhs, rhs)
 
 
-def stem_conv() -> Any:
-    """The convolution for BaselineCNN's first layer: `tap_conv` on XLA:CPU, else flax's default.
-
-    `python benchmarks/stem_ab.py` on the 2-core CPU (results/speed/session3/stem_ab.md):
-    BaselineCNN fwd+bwd at batch 32 19.2-19.8 -> 16.2-17.1 ms, train step 20.0-22.8 ->
-    16.7-17.3 ms. On TargetCNN's 3->64 first layer it gained nothing (654.2 vs 649.9 ms for the
-    whole model), so that keeps XLA's convolution. GPU convolution libraries handle three
-    channels well.
-    """
-    return tap_conv if jax.default_backend() == "cpu" else None
+STEM_CONVS = {"xla": None, "taps": tap_conv}  # perf.stem_conv -> flax's conv_general_dilated
 
 
 class BaselineCNN(nn.Module):
@@ -123,17 +113,19 @@ class BaselineCNN(nn.Module):
     widths: Sequence[int] = (16, 32)
     hidden: int = 128
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32 (flax's param_dtype)
+    stem_conv: Callable | None = None  # the first layer's convolution; None: lax's (flax default)
+    pool: Callable = max_pool_2x2
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = True) -> jnp.ndarray:
         del train  # no normalization, no dropout: the flag exists for a uniform model interface
         for i, width in enumerate(self.widths):
             x = nn.Conv(width, (3, 3), padding="SAME", dtype=self.dtype,
-                        conv_general_dilated=None if i else stem_conv())(x)
-            x = max_pool_2x2(nn.relu(x))
+                        conv_general_dilated=None if i else self.stem_conv)(x)
+            x = self.pool(nn.relu(x))
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype)(x))
-        return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(wide(self.dtype))
+        return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(at_least_float32(self.dtype))
 
 
 class TargetCNN(nn.Module):
@@ -143,6 +135,7 @@ class TargetCNN(nn.Module):
     blocks: Sequence[Sequence[int]] = TARGET_BLOCKS
     hidden: int = 256
     dtype: Any = jnp.float32
+    pool: Callable = max_pool_2x2
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = True) -> jnp.ndarray:
@@ -152,10 +145,10 @@ class TargetCNN(nn.Module):
                 x = nn.Conv(width, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype)(x)
                 x = nn.relu(bn(train, self.dtype)(x))
             if i < len(self.blocks) - 1:
-                x = max_pool_2x2(x)
-        x = x.mean(axis=(1, 2), dtype=wide(self.dtype))
+                x = self.pool(x)
+        x = x.mean(axis=(1, 2), dtype=at_least_float32(self.dtype))
         x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype)(x))
-        return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(wide(self.dtype))
+        return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(at_least_float32(self.dtype))
 
 
 def bn(train: bool, dtype: Any = jnp.float32) -> nn.BatchNorm:
@@ -219,15 +212,19 @@ class DenseNetBC(nn.Module):
                 x = DenseLayer(self.growth, dtype=self.dtype)(x, train)
             if i < len(self.blocks) - 1:
                 x = Transition(int(x.shape[-1] * self.compression), dtype=self.dtype)(x, train)
-        x = nn.relu(bn(train, self.dtype)(x)).mean(axis=(1, 2), dtype=wide(self.dtype))
-        return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(wide(self.dtype))
+        x = nn.relu(bn(train, self.dtype)(x)).mean(axis=(1, 2), dtype=at_least_float32(self.dtype))
+        return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(at_least_float32(self.dtype))
 
 
-def build(name: str, num_classes: int, dtype: str = "float32") -> nn.Module:
-    """Model by the experiment's `model` key, computing in `dtype` (the experiment's `dtype`)."""
+def build(name: str, num_classes: int, dtype: str = "float32", stem_conv: str = "xla") -> nn.Module:
+    """Model by the experiment's `model` key, computing in `dtype`.
+
+    `stem_conv` (a key of STEM_CONVS, the run's resolved `perf.stem_conv`) is BaselineCNN's first
+    convolution; the other models use XLA's convolutions throughout.
+    """
     dtype = jnp.dtype(dtype)
     if name == "baseline":
-        return BaselineCNN(num_classes, dtype=dtype)
+        return BaselineCNN(num_classes, dtype=dtype, stem_conv=STEM_CONVS[stem_conv])
     if name == "target":
         return TargetCNN(num_classes, dtype=dtype)
     if name == "densenet":

@@ -172,6 +172,16 @@ def is_bench(data) -> bool:
     return isinstance(data, dict) and {"command", "machine", "experiments"} <= set(data)
 
 
+def is_group_summary(path: Path) -> bool:
+    """A `--seeds` group's own summary.json (no metrics.jsonl beside it; one folder per seed)."""
+    if (path.parent / "metrics.jsonl").exists():
+        return False
+    try:
+        return json.loads(path.read_text()).get("kind") == "seed_group"
+    except ValueError:
+        return False
+
+
 def collect(inputs: list[str]) -> tuple[list[Run], list[tuple[Path, dict, dict]]]:
     """Runs and bench files under the inputs (folders, files or globs)."""
     runs, benches, seen = [], [], set()
@@ -182,6 +192,8 @@ def collect(inputs: list[str]) -> tuple[list[Run], list[tuple[Path, dict, dict]]
         for root in paths:
             summaries = sorted(root.rglob("summary.json")) if root.is_dir() else [root] * (root.name == "summary.json")
             for spath in summaries:
+                if is_group_summary(spath):  # a --seeds group's summary: its seeds are runs
+                    continue
                 if spath.parent.resolve() not in seen:
                     seen.add(spath.parent.resolve())
                     runs.append(load_run(spath.parent))

@@ -8,13 +8,14 @@ User mistakes end in one clear paragraph on stderr and exit code 2, never a trac
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from jaxbench import config as config_lib
 from jaxbench.cli import (add_data_args, enable_compile_cache, fail, make_trainer,
-                          non_negative_int, positive_int, resolve)
+                          non_negative_int, positive_int, resolve, seed_list)
 from jaxbench.config import ConfigError
 
 
@@ -28,6 +29,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--torch-compile", choices=("none", "default", "reduce-overhead"), default="none",
                    help="with --framework torch: run the model eagerly or under torch.compile")
     add_data_args(p)
+    p.add_argument("--seeds", type=seed_list,
+                   help="train several seeds: 0,1,2 (or 3 for 0,1,2). JAX trains them as one "
+                   "vmapped program; the PyTorch twin one after another. Output: one folder per "
+                   "seed plus a summary.json with mean and std")
     p.add_argument("--out", default="results/runs", help="output folder (default: results/runs)")
     p.add_argument("--distributed", action="store_true",
                    help="multi-host: call jax.distributed.initialize() first (see README)")
@@ -38,8 +43,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--restart", action="store_true",
                    help="discard existing checkpoints of this experiment and start over")
-    p.add_argument("--steps-per-call", type=positive_int,
-                   help="train steps fused into one jitted call (default: 1 on CPU, 50 on GPU)")
     return p
 
 
@@ -69,6 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail("--exp NAME is required (or --list to see the experiments).")
     if args.resume and args.restart:
         return fail("--resume and --restart contradict each other; pass one.")
+    if args.seeds is not None and args.seed is not None:
+        return fail("--seed and --seeds contradict each other; pass one (--seeds 0,1,2).")
     if args.distributed:
         import jax
 
@@ -76,25 +81,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         jax.distributed.initialize(coordinator_address=args.coordinator,
                                    num_processes=args.num_processes, process_id=args.process_id)
     cache = enable_compile_cache()
-    from jaxbench import data, loop
-    from jaxbench.train import Diverged
+    from jaxbench import data, loop, outputs
 
     try:
         cfg = resolve(args)
+        if args.seeds is not None:
+            cfg = cfg.replace(seed=args.seeds[0])  # the group's config names its first seed
         train, test = data.load(cfg, args.data_dir, args.manual_dir, args.arrays)
-        trainer = make_trainer(args.framework, cfg, train, test, steps_per_call=args.steps_per_call,
-                               torch_compile=args.torch_compile)
-        del train, test  # the trainer holds what it needs; let the host copy go
-        loop.fit(cfg, trainer, Path(args.out) / run_name(cfg.name, args.framework, args.torch_compile),
-                 framework=args.framework, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
-                 restart=args.restart, resume_hint=resume_command(argv),
-                 extra={"compile_cache_dir": cache})
+        out = Path(args.out) / run_name(cfg.name, args.framework, args.torch_compile)
+        fit = functools.partial(loop.fit, framework=args.framework,
+                                checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+                                restart=args.restart, resume_hint=resume_command(argv),
+                                extra={"compile_cache": bool(cache)})
+        if args.framework == "torch" and args.seeds is not None:
+            for seed in args.seeds:  # no vmap for the twin: one seed after another
+                seed_cfg = cfg.replace(seed=seed)
+                fit(seed_cfg, make_trainer("torch", seed_cfg, train, test, args.torch_compile),
+                    out / f"seed{seed}", extra={"compile_cache": bool(cache), "sequential": True})
+            outputs.write_group_summary(out, args.seeds)
+        else:
+            trainer = make_trainer(args.framework, cfg, train, test, args.torch_compile, args.seeds)
+            del train, test  # the trainer holds what it needs; let the host copy go
+            fit(cfg, trainer, out)
     except (ConfigError, data.DataError) as err:
         return fail(str(err))
     except loop.Interrupted as err:
         print(str(err), file=sys.stderr)
         return loop.EXIT_INTERRUPTED
-    except Diverged as err:
+    except loop.Diverged as err:
         print(f"error: {err}; stopped. The last good checkpoint is intact; lower the learning "
               "rate or check the data before resuming.", file=sys.stderr)
         return loop.EXIT_DIVERGED

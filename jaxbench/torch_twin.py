@@ -2,8 +2,9 @@
 
 Imported only for `--framework torch` and by the benchmark, so JAX-only installs never need torch.
 Shared with the JAX path: configs, data loading, the per-epoch index order (`data.epoch_order`),
-normalization constants, the epoch loop and output files (`run.fit`). Different: the model and the
-step. Initialization follows flax's defaults (LeCun-normal weights, zero biases) so both frameworks
+normalization constants, the learning-rate schedule (optax's, `train.make_schedule`), the
+BatchNorm constants (`models.BN_*`), the epoch loop and output files (`loop.fit`, through the
+`loop.Trainer` contract). Different: the model and the step. Initialization follows flax's defaults (LeCun-normal weights, zero biases) so both frameworks
 start from the same distribution; layouts are PyTorch's NCHW.
 """
 
@@ -19,13 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from jaxbench import data
+from jaxbench import data, models
 from jaxbench.config import Config
+from jaxbench.loop import Diverged
 from jaxbench.models import TARGET_BLOCKS
+from jaxbench.train import make_schedule
 
-# flax momentum 0.9 (weight of the old value) is torch momentum 0.1 (weight of the new one).
-BN_MOMENTUM = 0.1
-BN_EPSILON = 1e-5
+# flax's momentum is the weight of the old running value, torch's the weight of the new one.
+BN_MOMENTUM = 1 - models.BN_MOMENTUM
+BN_EPSILON = models.BN_EPSILON
 
 
 def lecun_normal_(module: nn.Module) -> None:
@@ -137,14 +140,6 @@ def preprocess(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, size
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 
-def make_schedule(cfg: Config, steps_per_epoch: int) -> Callable[[int], float]:
-    """Learning rate at a step; the same formula as optax.cosine_decay_schedule (alpha 0)."""
-    total = cfg.epochs * steps_per_epoch
-    if cfg.schedule == "cosine":
-        return lambda step: cfg.learning_rate * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
-    return lambda step: cfg.learning_rate
-
-
 @dataclasses.dataclass
 class State:
     model: nn.Module
@@ -155,7 +150,7 @@ class State:
 
 @dataclasses.dataclass
 class Trainer:
-    """The torch counterpart of `train.Trainer`: same interface, used by `run.fit` and the bench."""
+    """The torch counterpart of `trainer.Trainer` (the `loop.Trainer` contract)."""
 
     cfg: Config
     train: data.Split
@@ -163,20 +158,26 @@ class Trainer:
     compile_mode: str | None = None  # None: eager; "default" or "reduce-overhead": torch.compile
     device: str | None = None
 
+    grouped = False  # `--seeds` runs the twin's seeds one after another, one Trainer each
+
     def __post_init__(self):
+        self.seeds = (self.cfg.seed,)
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         # cfg.dtype bfloat16: autocast, PyTorch's counterpart of flax's compute dtype (float32
         # parameters and optimizer state; autocast keeps BatchNorm and the loss in float32).
         self.autocast = functools.partial(torch.autocast, self.device, dtype=torch.bfloat16,
                                           enabled=self.cfg.dtype == "bfloat16")
         self.mean, self.std = data.channel_stats(self.train.images)
-        self.steps_per_epoch = len(self.train) // self.cfg.batch_size
-        self.schedule = make_schedule(self.cfg, self.steps_per_epoch)
+        self.train_size, self.eval_size = len(self.train), len(self.test)
+        self.steps_per_epoch = self.train_size // self.cfg.batch_size
+        lr = make_schedule(self.cfg, self.steps_per_epoch)  # optax's: one formula for both
+        self.schedule = lambda step: float(lr(step))
         put = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
         self.dev = {"train": (put(self.train.images), put(self.train.labels).long()),
                     "test": (put(self.test.images), put(self.test.labels).long())}
         self._mean, self._std = put(self.mean), put(self.std)
-        self.eval_idx, self.eval_mask = data.eval_order(len(self.test), self.cfg.batch_size)
+        self.eval_idx, self.eval_mask = data.eval_order(self.eval_size, self.cfg.batch_size)
+        self.compile_time_s = 0.0
 
     def init_state(self) -> State:
         torch.manual_seed(self.cfg.seed)
@@ -226,21 +227,18 @@ class Trainer:
         return {"loss": torch.zeros((), device=self.device),
                 "correct": torch.zeros((), dtype=torch.long, device=self.device), "count": 0}
 
-    @staticmethod
-    def summarize(sums: dict) -> dict:
+    def summarize(self, sums: dict) -> list[dict]:
         n = max(sums["count"], 1)
-        return {"loss": sums["loss"].item() / n, "acc": sums["correct"].item() / n,
-                "count": sums["count"]}
+        return [{"loss": sums["loss"].item() / n, "acc": sums["correct"].item() / n,
+                 "count": sums["count"]}]
 
     def train_epoch(self, state: State, epoch: int, sums: dict | None = None, start: int = 0,
                     progress: Callable[[int], None] = lambda n: None,
                     stop: Callable[[], bool] = lambda: False) -> tuple[State, dict, int]:
-        """Same contract as `train.Trainer.train_epoch`. The NaN check runs every 100 steps (a
+        """Same contract as `trainer.Trainer.train_epoch`. The NaN check runs every 100 steps (a
         host sync), so a divergence is reported at the first check after it."""
-        from jaxbench.train import Diverged
-
         state.model.train()
-        order = data.epoch_order(self.cfg.seed, epoch, len(self.train), self.cfg.batch_size)
+        order = data.epoch_order(self.cfg.seed, epoch, self.train_size, self.cfg.batch_size)
         sums = self.zero_sums() if sums is None else sums
         done = start
         for done, idx in enumerate(order[start:], start + 1):
@@ -257,7 +255,7 @@ class Trainer:
         return state, sums, done
 
     @torch.no_grad()
-    def evaluate(self, state: State) -> dict:
+    def evaluate(self, state: State) -> list[dict]:
         state.model.eval()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.long, device=self.device)
@@ -269,13 +267,19 @@ class Trainer:
             loss_sum += (F.cross_entropy(logits, y, reduction="none") * m).sum()
             correct += ((logits.argmax(1) == y) & m).sum()
         n = int(self.eval_mask.sum())
-        return {"loss": loss_sum.item() / n, "acc": correct.item() / n, "count": n}
+        return [{"loss": loss_sum.item() / n, "acc": correct.item() / n, "count": n}]
 
     def global_step(self, state: State) -> int:
         return state.step
 
-    def param_leaves(self, state: State) -> list[np.ndarray]:
+    def param_leaves(self, state: State, member: int = 0) -> list[np.ndarray]:
         return [p.detach().cpu().numpy() for p in state.model.parameters()]
 
     def lr(self, state: State) -> float:
         return self.schedule(max(state.step - 1, 0))
+
+    def record(self) -> dict:
+        return {"torch_compile": self.compile_mode or "none", "torch_device": self.device}
+
+    def adopt(self, progress: dict) -> None:
+        """Nothing to adopt: the twin keeps no checkpoints."""

@@ -1,18 +1,21 @@
 """`python -m jaxbench.run` end to end, and every user error: one paragraph, exit 2, no traceback."""
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 import tensorflow_datasets as tfds
 
-from jaxbench import run, train
+from jaxbench import perf, run
 from conftest import REPO
 
 
 def cli(*args, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", "jaxbench.run", *args], cwd=cwd,
+    # Offline, as CI is: without it a machine with network would let tfds download.
+    env = dict(os.environ, JAXBENCH_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "jaxbench.run", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -20,13 +23,13 @@ def check_outputs(out, exp, epochs):
     rows = [json.loads(l) for l in (out / exp / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == list(range(1, epochs + 1))
     for r in rows:
-        assert {"train_loss", "train_acc", "test_loss", "test_acc", "epoch_time_s",
+        assert {"train_loss", "train_acc", "eval_loss", "eval_acc", "epoch_time_s",
                 "images_per_s", "lr"} <= set(r)
-        assert 0 <= r["test_acc"] <= 1 and r["epoch_time_s"] > 0
+        assert 0 <= r["eval_acc"] <= 1 and r["epoch_time_s"] > 0
     s = json.loads((out / exp / "summary.json").read_text())
     assert s["experiment"] == exp and s["framework"] == "jax"
-    assert s["final_test_acc"] == rows[-1]["test_acc"]
-    assert s["best_test_acc"] == max(r["test_acc"] for r in rows)
+    assert s["final_eval_acc"] == rows[-1]["eval_acc"]
+    assert s["best_eval_acc"] == max(r["eval_acc"] for r in rows)
     for key in ("params", "best_epoch", "mean_epoch_time_s", "compile_time_s", "device",
                 "versions", "config"):
         assert key in s, key
@@ -42,9 +45,15 @@ def test_cli_end_to_end_on_real_data(fmnist_tfds_dir, tmp_path):
     assert "epoch 2/2" in res.stdout
     s = check_outputs(tmp_path, "fmnist_baseline", 2)
     assert s["params"] == 1_055_082 and s["eval_examples"] == 100
-    assert s["config"]["dtype"] == "float32"
-    if s["device"]["platform"] == "cpu":  # the kernel choice that shapes CPU speed is on record
-        assert s["xla_compiler_options"] == train.CPU_COMPILER_OPTIONS
+    assert s["config"]["perf"]["dtype"] == "float32"
+    # Every speed setting the run used is on record, resolved, with its reason.
+    used = s["perf"]
+    assert used["compiler_options"] == perf.XLA_CPU_OPTIONS[used["xla_cpu"]]
+    assert set(used["reasons"]) == {"steps_per_call", "stem_conv", "xla_cpu"}
+    if s["device"]["platform"] == "cpu":
+        assert used["steps_per_call"] == 1 and used["stem_conv"] == "taps"
+        check = used["xla_cpu_check"]  # the self-check behind the compile choice
+        assert check["candidates"][used["xla_cpu"]]["max_error"] <= perf.AGREEMENT
 
 
 def test_cli_end_to_end_with_mock_data(tmp_path, mock_manual_dir):
@@ -56,7 +65,7 @@ def test_cli_end_to_end_with_mock_data(tmp_path, mock_manual_dir):
     assert code == 0
     s = check_outputs(tmp_path / "out", "fmnist_target", 1)
     assert s["params"] == 2_423_882 and s["config"]["batch_size"] == 16
-    assert s["config"]["dtype"] == "bfloat16"
+    assert s["config"]["perf"]["dtype"] == "bfloat16" and s["perf"]["dtype"] == "bfloat16"
 
 
 def test_list_names_every_experiment():
@@ -77,6 +86,8 @@ def test_list_names_every_experiment():
     (["--exp", "fmnist_baseline", "--bogus"], "unrecognized arguments: --bogus"),
     (["--exp", "fmnist_baseline", "--epoch", "3"], "unrecognized arguments: --epoch"),
     (["--exp", "fmnist_baseline", "--dtype", "float16"], "--dtype: invalid choice: 'float16'"),
+    (["--exp", "fmnist_baseline", "--xla-cpu", "fast"], "--xla-cpu: invalid choice: 'fast'"),
+    (["--exp", "fmnist_baseline", "--stem-conv", "fft"], "--stem-conv: invalid choice: 'fft'"),
 ])
 def test_bad_cli_values_exit_2_without_traceback(args, message):
     res = cli(*args)

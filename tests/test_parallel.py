@@ -1,4 +1,5 @@
-"""Data parallelism: two (forced host) devices train like one, BatchNorm statistics included."""
+"""Data parallelism: two (forced host) devices train like one, BatchNorm statistics and seed
+groups included."""
 
 import json
 import os
@@ -15,7 +16,8 @@ import jax, numpy as np
 sys.path.insert(0, "tests")
 from conftest import synthetic_split
 from jaxbench import config
-from jaxbench.train import Trainer, fetch
+from jaxbench.train import fetch
+from jaxbench.trainer import Trainer
 
 assert jax.device_count() == 2, jax.devices()
 out = {}
@@ -38,7 +40,7 @@ for name, cfg, n_train in [
         losses = []
         for epoch in range(1, cfg.epochs + 1):
             state, sums, _ = t.train_epoch(state, epoch)
-            losses += [t.summarize(sums)["loss"], t.evaluate(state)["loss"]]
+            losses += [t.summarize(sums)[0]["loss"], t.evaluate(state)[0]["loss"]]
         out[f"{name}{n}"] = {
             "losses": losses,
             "stats": [fetch(x).tolist() for x in jax.tree.leaves(state.batch_stats)][:4],
@@ -46,6 +48,19 @@ for name, cfg, n_train in [
                         for x, p0 in zip(jax.tree.leaves(state.params), start)],
             "sharding": str(state.params["Conv_0"]["kernel"].sharding.spec),
             "devices": len(state.params["Conv_0"]["kernel"].sharding.device_set)}
+# A seed group on a mesh: the seed axis is independent of the batch-sharded device axis.
+cfg = config.load("fmnist_target").replace(epochs=2, batch_size=16, optimizer="sgd",
+                                           learning_rate=0.01, schedule="cosine")
+for n in (1, 2):
+    t = Trainer(cfg, synthetic_split(96), synthetic_split(40, seed=1), devices=jax.devices()[:n],
+                seeds=(0, 1))
+    state = t.init_state()
+    t.compile(state)
+    losses = []
+    for epoch in range(1, cfg.epochs + 1):
+        state, sums, _ = t.train_epoch(state, epoch)
+        losses += [m["loss"] for m in t.summarize(sums)] + [m["loss"] for m in t.evaluate(state)]
+    out[f"group{n}"] = {"losses": losses}
 print(json.dumps(out))
 """
 
@@ -68,3 +83,7 @@ def test_two_devices_match_one():
         a, b = np.asarray(a), np.asarray(b)
         assert np.linalg.norm(b - a) <= 2e-2 * np.linalg.norm(a) + 1e-8, (a, b)
     np.testing.assert_allclose(out["run2"]["losses"], out["run1"]["losses"], rtol=1e-3)
+    # The seed group: two devices like one; its seed 0 like the single seed-0 run.
+    np.testing.assert_allclose(out["group2"]["losses"], out["group1"]["losses"], rtol=1e-3)
+    seed0 = [out["group1"]["losses"][i] for i in (0, 2, 4, 6)]  # train, eval per epoch
+    np.testing.assert_allclose(seed0, out["run1"]["losses"], rtol=1e-3)

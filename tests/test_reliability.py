@@ -14,12 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxbench import config, data, loop
+from jaxbench import config, data, loop, outputs
 from jaxbench.checkpoint import Checkpoints
-from jaxbench.train import Trainer
+from jaxbench.trainer import Trainer
 from conftest import REPO, synthetic_split
 
-KEYS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr")
+KEYS = ("epoch", "train_loss", "train_acc", "eval_loss", "eval_acc", "lr")
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +38,8 @@ def base_args(arrays, out, epochs=4):
             "--out", str(out)]
 
 
-def read(out):
-    run = out / "fmnist_baseline"
+def read(out, seed=None):
+    run = out / "fmnist_baseline" / ("" if seed is None else f"seed{seed}")
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     return [[r[k] for k in KEYS] for r in rows], json.loads((run / "summary.json").read_text())
 
@@ -70,7 +70,7 @@ def test_checkpoints_keep_the_last_two_and_the_best(tmp_path):
     loop.fit(cfg, trainer, tmp_path)
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r["epoch"] * trainer.steps_per_epoch for r in rows]
-    best = steps[int(np.argmax([r["test_acc"] for r in rows]))]
+    best = steps[int(np.argmax([r["eval_acc"] for r in rows]))]
     kept = Checkpoints(tmp_path / "checkpoints").all_steps()
     assert sorted(kept) == sorted({steps[-1], steps[-2], best})
 
@@ -97,6 +97,32 @@ def test_sigkill_then_resume_is_bit_identical(arrays, reference, tmp_path):
     rows, summary = read(tmp_path)
     assert rows == ref_rows  # each epoch exactly once, identical numbers
     assert summary["params_sha256"] == ref_summary["params_sha256"]
+
+
+def test_a_killed_seed_group_resumes_bit_identically(arrays, tmp_path_factory, tmp_path):
+    """--seeds 0,1 killed mid-run with SIGKILL, then resumed: every seed as if never stopped."""
+    group = ["--seeds", "0,1"]
+    ref = tmp_path_factory.mktemp("group-ref")
+    done = subprocess.run(cli(*base_args(arrays, ref), *group), cwd=REPO, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    random.seed(99)
+    proc = subprocess.Popen(cli(*base_args(arrays, tmp_path), *group), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    wait_for(proc, r"epoch [12]/4")
+    time.sleep(random.uniform(0.0, 1.0))
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    res = subprocess.run(cli(*base_args(arrays, tmp_path), *group, "--resume"), cwd=REPO,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "resumed from" in res.stdout
+    for seed in (0, 1):
+        rows, summary = read(tmp_path, seed)
+        ref_rows, ref_summary = read(ref, seed)
+        assert rows == ref_rows and summary["params_sha256"] == ref_summary["params_sha256"]
+    assert read(tmp_path, 0)[0] != read(tmp_path, 1)[0]  # two different seeds
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_identically(arrays, reference, tmp_path):
@@ -164,7 +190,7 @@ def test_divergence_leaves_the_last_good_checkpoint_intact(tmp_path, monkeypatch
         return original(state, epoch, *args, **kwargs)
 
     monkeypatch.setattr(trainer, "train_epoch", poisoned)
-    from jaxbench.train import Diverged
+    from jaxbench.loop import Diverged
 
     with pytest.raises(Diverged) as err:
         loop.fit(cfg, trainer, tmp_path)
@@ -178,14 +204,14 @@ def test_divergence_leaves_the_last_good_checkpoint_intact(tmp_path, monkeypatch
 
 def test_outputs_are_written_atomically(tmp_path, monkeypatch):
     path = tmp_path / "summary.json"
-    loop.write_json(path, {"a": 1})
+    outputs.write_json(path, {"a": 1})
 
     def crash(*args):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(OSError):
-        loop.write_json(path, {"a": 2, "b": "x" * 10_000})
+        outputs.write_json(path, {"a": 2, "b": "x" * 10_000})
     assert json.loads(path.read_text()) == {"a": 1}  # the old file, whole
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxbench import models, train
+from jaxbench import models, perf
 
 
 class ReferenceBaseline(nn.Module):
@@ -34,7 +34,7 @@ def test_optimized_baseline_step_matches_the_reference_formulation():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(16, 64, 64, 3)).astype(np.float32))
     y = jnp.asarray(rng.integers(0, 10, 16))
-    ours, ref = models.BaselineCNN(10), ReferenceBaseline(10)
+    ours, ref = models.build("baseline", 10, stem_conv="taps"), ReferenceBaseline(10)
     params = ours.init(jax.random.key(0), x[:1])["params"]
 
     def loss_and_grad(model):
@@ -47,63 +47,86 @@ def test_optimized_baseline_step_matches_the_reference_formulation():
         assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(b)
 
 
-@pytest.mark.parametrize("name", ["baseline", "target"])
-def test_cpu_compiler_options_compute_the_same_step(name):
-    """train.CPU_COMPILER_OPTIONS change which kernels XLA:CPU uses, not what a step computes.
-
-    Judged against the same step in float64: the tuned compile's loss and gradients must be as
-    close to it as the default compile's are (BatchNorm's backward cancels terms, so float32
-    summation order alone moves some gradient entries by ~1e-3 relative).
-    """
-    rng = np.random.default_rng(1)
-    x = rng.normal(size=(8, 64, 64, 3)).astype(np.float32)
-    y = jnp.asarray(rng.integers(0, 10, 8))
-    model = models.build(name, 10)
-    variables = model.init(jax.random.key(0), x[:1], train=False)
-
-    def loss_and_grad(params, x, model=model):
-        def loss_fn(p):
-            logits, _ = model.apply({**variables, "params": p}, x, train=True,
-                                    mutable=["batch_stats"])
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-        return jax.value_and_grad(loss_fn)(params)
-
-    lowered = jax.jit(loss_and_grad).lower(variables["params"], x)
-    tuned, _ = train.compile_lowered(lowered, tuned=True)
-    if jax.default_backend() == "cpu":  # the options took effect: no YNNPACK convolutions left
-        assert "convolution" in tuned.as_text() and "ynn" not in _conv_lines(tuned.as_text())
-    ours = tuned(variables["params"], x)
-    default = lowered.compile()(variables["params"], x)
+def _float64_errors(name, batch, compile_options):
+    """Loss and per-tensor gradient errors against float64, for each of `compile_options`."""
+    model = models.build(name, 10, stem_conv="taps" if name == "baseline" else "xla")
+    lowered, params = perf.gradient_program(model, batch, 64, 10)
+    exact_model = models.build(name, 10, "float64", stem_conv="xla")
     with jax.enable_x64(True):
-        exact = jax.jit(functools.partial(loss_and_grad, model=models.build(name, 10, "float64")))(
-            jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"]),
-            x.astype(np.float64))
-        exact = jax.tree.map(np.asarray, exact)  # float64 numpy, usable outside the context
-    assert exact[0].dtype == np.float64
-    def errors(result):
-        loss, grads = result
-        return [abs(float(loss) - float(exact[0]))] + [
-            float(np.linalg.norm(np.asarray(g, np.float64) - e) / np.linalg.norm(e))
-            for g, e in zip(jax.tree.leaves(grads), jax.tree.leaves(exact[1]))]
-    for ours_err, default_err in zip(errors(ours), errors(default)):
-        assert ours_err <= 3 * default_err + 1e-5
+        exact_lowered, exact_params = perf.gradient_program(exact_model, batch, 64, 10, np.float64)
+        exact = jax.tree.map(np.asarray, exact_lowered.compile()(exact_params))
+    assert jax.tree.leaves(exact)[0].dtype == np.float64
+    errors = {}
+    for label, options in compile_options.items():
+        fn, used = perf.compile_lowered(lowered, options)
+        assert used == options
+        errors[label] = perf.relative_errors(fn(params), exact)
+    return errors
 
 
-def _conv_lines(hlo: str) -> str:
-    return "\n".join(line for line in hlo.splitlines() if " convolution(" in line)
+@pytest.mark.parametrize("name", ["baseline", "target"])
+def test_the_compile_auto_picks_is_float32_exact_here(name):
+    """Whatever `perf.xla_cpu = "auto"` picks on this CPU computes the float32 step.
 
-
-def test_a_rejected_compiler_option_falls_back_to_xla_defaults(monkeypatch):
-    """A future jaxlib without the experimental option still trains, and says why it is slower."""
+    Judged against the same step in float64: the chosen compile's loss and gradients must be as
+    close to it as XLA's default compile's are (BatchNorm's backward cancels terms, so float32
+    summation order alone moves some gradient entries by ~1e-3 relative; whole tensors by ~1e-6).
+    Every candidate the self-check lets through must pass this too: the gate is at least as
+    strict as this test, on any CPU (on one where `ynn-reduce` loses precision, it is rejected).
+    """
     if jax.default_backend() != "cpu":
-        pytest.skip("the options apply to XLA:CPU only")
-    monkeypatch.setattr(train, "CPU_COMPILER_OPTIONS",
-                        {"xla_cpu_experimental_ynn_fusion_type": "NOT_A_FUSION_TYPE"})
-    lowered = jax.jit(lambda a: a * 2).lower(jnp.ones(3))
-    with pytest.warns(UserWarning, match="compiling with XLA's defaults"):
-        compiled, options = train.compile_lowered(lowered)
-    np.testing.assert_array_equal(compiled(jnp.ones(3)), 2 * np.ones(3))
-    assert options == {}  # the run records the defaults it really compiled with
+        pytest.skip("the XLA:CPU compile choice")
+    batch = 8
+    chosen, record = perf.choose_xla_cpu(name, 10, "taps" if name == "baseline" else "xla",
+                                         batch, 64)
+    assert record["candidates"][chosen]["agrees"]
+    passed = {k: perf.XLA_CPU_OPTIONS[k] for k, v in record["candidates"].items() if v.get("agrees")}
+    errors = _float64_errors(name, batch, passed)
+    for label in passed:
+        for ours, default in zip(errors[label], errors["default"]):
+            assert ours <= 3 * default + 1e-5, (label, ours, default)
+
+
+def test_the_gate_rejects_a_compile_that_changes_the_numbers():
+    """A compile whose gradients are off by 1% (as `ynn-reduce` was on an AMX Xeon) is not used."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the XLA:CPU compile choice")
+
+    class Perturbed:  # an executable whose gradients come out 1% large
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __call__(self, params):
+            loss, grads = self.fn(params)
+            return loss, jax.tree.map(lambda g: g * 1.01, grads)
+
+    def compile_fn(lowered, options):
+        fn, used = perf.compile_lowered(lowered, options)
+        return (Perturbed(fn) if options == perf.XLA_CPU_OPTIONS["ynn-reduce"] else fn), used
+
+    chosen, record = perf.choose_xla_cpu.__wrapped__(
+        "baseline", 10, "xla", 4, 64, candidates=("ynn-reduce",), compile_fn=compile_fn)
+    assert chosen == "default"
+    bad = record["candidates"]["ynn-reduce"]
+    assert not bad["agrees"] and 5e-3 < bad["max_error"] < 2e-2 and "ms" not in bad
+
+
+def test_a_run_records_its_compile_and_a_resume_reuses_it():
+    """resolve: 'auto' runs the check once; a previous record is taken as it is (same program)."""
+    calls = []
+
+    def choose(*args):
+        calls.append(args)
+        return "ynn-off", {"candidates": {}}
+
+    first = perf.resolve(perf.Perf(), "cpu", "target", 10, 32, 64, choose=choose)
+    assert first.xla_cpu == "ynn-off" and first.compiler_options == perf.XLA_CPU_OPTIONS["ynn-off"]
+    again = perf.resolve(perf.Perf(), "cpu", "target", 10, 32, 64, previous=first.to_dict(),
+                         choose=choose)
+    assert again == first and len(calls) == 1
+    gpu = perf.resolve(perf.Perf(), "gpu", "baseline", 10, 32, 64, choose=choose)
+    assert (gpu.xla_cpu, gpu.stem_conv, gpu.steps_per_call) == ("default", "xla", 50)
+    assert len(calls) == 1  # no self-check off CPU
 
 
 @pytest.mark.parametrize("batch, strides, padding", [
@@ -148,15 +171,13 @@ def test_baseline_stem_runs_as_taps_once_per_step_on_cpu():
     string (the fast path was skipped), and XLA fusing the 27 products into every consumer of
     the output (fwd+bwd measured 20 -> 57 ms when that happened).
     """
-    if jax.default_backend() != "cpu":
-        pytest.skip("tap_conv is the CPU stem only")
-    model = models.build("baseline", 10)
+    model = models.build("baseline", 10, stem_conv="taps")
     x = jnp.ones((8, 64, 64, 3))
     params = model.init(jax.random.key(0), x[:1])["params"]
     forward = jax.jit(lambda p: model.apply({"params": p}, x)).lower(params).as_text()
     assert forward.count(" stablehlo.convolution") == 1  # the second layer's only
     grad = jax.jit(jax.grad(lambda p: model.apply({"params": p}, x).sum())).lower(params)
-    compiled, _ = train.compile_lowered(grad)
+    compiled, _ = perf.compile_lowered(grad, perf.XLA_CPU_OPTIONS["ynn-reduce"])
     # 27 products once, plus the few multiplies of the rest of the step (35 in all with jaxlib
     # 0.10.2); fused into each consumer they number over 100.
     assert compiled.as_text().count(" multiply(") < 2 * 27

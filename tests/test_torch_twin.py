@@ -9,7 +9,7 @@ import tensorflow_datasets as tfds
 
 torch = pytest.importorskip("torch")
 
-from jaxbench import bench, cli, config, data, loop, models, report, run, torch_twin  # noqa: E402
+from jaxbench import bench, cli, config, data, loop, models, report, torch_twin  # noqa: E402
 from conftest import synthetic_split  # noqa: E402
 
 
@@ -53,13 +53,19 @@ def test_a_torch_train_step_lowers_the_loss(exp, dtype):
     assert losses[-1] < losses[0] * 0.9, losses
 
 
-def test_cosine_schedule_matches_optax():
+def test_the_twin_sets_the_learning_rate_from_optax_schedule():
+    """The twin's optimizer gets, step by step, the learning rate the JAX path's optax uses."""
     from jaxbench import train
 
-    cfg = config.load("tiny_baseline")
-    ours, theirs = torch_twin.make_schedule(cfg, 100), train.make_schedule(cfg, 100)
-    for step in (0, 1, 777, 1250, 2499, 2500):
-        assert ours(step) == pytest.approx(float(theirs(step)), rel=1e-5, abs=1e-9)
+    cfg = config.load("tiny_baseline").replace(epochs=2, batch_size=16)
+    twin = torch_twin.Trainer(cfg, synthetic_split(64, shape=(64, 64, 3), classes=200),
+                              synthetic_split(16, shape=(64, 64, 3), classes=200))
+    theirs = train.make_schedule(cfg, twin.steps_per_epoch)
+    for step in range(0, 2 * twin.steps_per_epoch + 1):
+        assert twin.schedule(step) == pytest.approx(float(theirs(step)), rel=1e-6, abs=1e-12)
+    state = twin.init_state()
+    twin._train_step(state, np.arange(16))
+    assert state.optimizer.param_groups[0]["lr"] == twin.schedule(0)
 
 
 def test_fit_with_the_twin_writes_the_same_outputs(tmp_path):
@@ -77,7 +83,7 @@ def test_benchmark_on_a_small_limit_writes_json(tmp_path, mock_manual_dir):
     with tfds.testing.mock_data(num_examples=64):
         code = bench.main(["--exp", "fmnist_baseline", "--steps", "2", "--repeats", "2",
                            "--batch-size", "16", "--variants",
-                           "torch-eager,jax-step-only,jax-xla-default",
+                           "torch-eager,jax-step-only,jax-xla-default,jax-seeds3",
                            "--data-dir", str(tmp_path / "tfds"), "--manual-dir", str(manual),
                            "--out", str(tmp_path / "speed")])
     assert code == 0
@@ -85,8 +91,11 @@ def test_benchmark_on_a_small_limit_writes_json(tmp_path, mock_manual_dir):
     result = json.loads(path.read_text())
     assert {"machine", "versions", "repeats", "unit", "experiments", "command"} <= set(result)
     assert {"cpu", "cores"} <= set(result["machine"]) and "torch" in result["versions"]
-    rows = result["experiments"]["fmnist_baseline"]["variants"]
-    assert set(rows) == {"jax", "torch-eager", "jax-step-only", "jax-xla-default"}
+    exp = result["experiments"]["fmnist_baseline"]
+    rows = exp["variants"]
+    assert exp["jax_perf"]["xla_cpu"] in ("default", "ynn-reduce", "ynn-off")
+    assert set(rows) == {"jax", "torch-eager", "jax-step-only", "jax-xla-default", "jax-seeds3"}
+    assert rows["jax-seeds3"]["group_over_one"] > 0 and "jax-seeds3" in path.with_suffix(".md").read_text()
     for row in rows.values():
         assert len(row["times_s"]) == 2 and row["median_s"] > 0 and row["images_per_s"] > 0
         assert {"per_1000_images_s", "jax_over_this", "warmup_s", "compile_s"} <= set(row)

@@ -1,0 +1,182 @@
+"""A run's files: metrics.jsonl and summary.json per seed, and a seed group's summary.
+
+Every file is written to a temporary name and renamed, so a crash never leaves a torn file; in a
+multi-process run only process 0 writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from jaxbench.config import Config
+
+CURVE_KEYS = ("train_loss", "train_acc", "eval_loss", "eval_acc")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary name, then rename: a crash never leaves a truncated file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def params_digest(trainer, state, member: int = 0) -> str:
+    """sha256 over one seed's final parameters: equal digests mean bit-identical weights."""
+    digest = hashlib.sha256()
+    for leaf in trainer.param_leaves(state, member):
+        digest.update(np.ascontiguousarray(leaf).tobytes())
+    return digest.hexdigest()
+
+
+def summarize_history(history: list[dict]) -> dict:
+    if not history:
+        return {"epochs_completed": 0}
+    steady = history[1:] or history
+    best = max(history, key=lambda r: r["eval_acc"])
+    return {"epochs_completed": history[-1]["epoch"], "final_eval_acc": history[-1]["eval_acc"],
+            "final_eval_loss": history[-1]["eval_loss"], "best_eval_acc": best["eval_acc"],
+            "best_epoch": best["epoch"],
+            "mean_epoch_time_s": sum(r["epoch_time_s"] for r in steady) / len(steady),
+            "first_epoch_time_s": history[0]["epoch_time_s"]}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment_info(framework: str = "jax") -> dict[str, Any]:
+    """Where and with what a run happened, for summary.json."""
+    import flax
+    import jaxlib
+    import optax
+
+    dev = jax.devices()[0]
+    versions = {"python": platform.python_version(), "jax": jax.__version__,
+                "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+                "optax": optax.__version__, "numpy": np.__version__}
+    try:
+        import tensorflow_datasets as tfds
+        versions["tfds"] = tfds.__version__
+    except ImportError:
+        versions["tfds"] = None
+    if framework == "torch":
+        import torch
+
+        versions["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            return {"device": {"platform": "gpu", "name": torch.cuda.get_device_name(),
+                               "count": torch.cuda.device_count(), "cpu": cpu_name(),
+                               "cores": os.cpu_count()}, "versions": versions}
+        return {"device": {"platform": "cpu", "name": "cpu", "count": 1, "cpu": cpu_name(),
+                           "cores": os.cpu_count(), "threads": torch.get_num_threads()},
+                "versions": versions}
+    return {"device": {"platform": dev.platform, "name": dev.device_kind,
+                       "count": jax.device_count(), "cpu": cpu_name(), "cores": os.cpu_count()},
+            "versions": versions}
+
+
+def seed_dir(out_dir: Path, seed: int, grouped: bool) -> Path:
+    """Where one seed's files go: the run folder itself, or `seed<S>/` inside a group's."""
+    return out_dir / f"seed{seed}" if grouped else out_dir
+
+
+class Outputs:
+    """The files of each seed of a run (one seed, or a `--seeds` group)."""
+
+    def __init__(self, cfg: Config, trainer, out_dir: Path, framework: str,
+                 extra: dict | None, state: Any):
+        self.dir, self.seeds, self.grouped = out_dir, trainer.seeds, trainer.grouped
+        self.framework = framework
+        self.primary = framework != "jax" or jax.process_index() == 0
+        common = {"experiment": cfg.name, "framework": framework,
+                  "params": trainer.param_count(state),
+                  "compile_time_s": trainer.compile_time_s,
+                  **environment_info(framework), **trainer.record(),
+                  "normalization": {"mean": trainer.mean.tolist(), "std": trainer.std.tolist()},
+                  "eval_split": cfg.eval_split, "train_examples": trainer.train_size,
+                  "eval_examples": trainer.eval_size, **(extra or {})}
+        if self.grouped:
+            common["seed_group"] = list(self.seeds)
+        self.summaries = [{**common, "config": cfg.replace(seed=s).to_dict()} for s in self.seeds]
+
+    @property
+    def summary(self) -> dict:
+        return self.summaries[0]
+
+    def write(self, histories: Sequence[list[dict]], finals: Sequence[dict] | None = None) -> None:
+        for i, seed in enumerate(self.seeds):
+            self.summaries[i].update(summarize_history(histories[i]), **(finals[i] if finals else {}))
+            if self.primary:
+                folder = seed_dir(self.dir, seed, self.grouped)
+                folder.mkdir(parents=True, exist_ok=True)
+                write_atomic(folder / "metrics.jsonl",
+                             "".join(json.dumps(r) + "\n" for r in histories[i]))
+                write_json(folder / "summary.json", self.summaries[i])
+        if self.grouped and self.primary:
+            write_json(self.dir / "summary.json", group_summary(self.summaries, histories))
+
+
+def mean_std(values: Sequence[float]) -> dict:
+    """Mean and sample standard deviation (0 for one value), with the values and n."""
+    values = [float(v) for v in values]
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "std": std, "n": len(values), "values": values}
+
+
+def group_summary(summaries: Sequence[dict], histories: Sequence[list[dict]]) -> dict:
+    """A seed group's summary: mean ± sample std over its seeds, and mean curves per epoch.
+
+    `group_epoch_time_s` is the wall time of one epoch of the whole group (all seeds, in one
+    program for JAX, one after another for the PyTorch twin: `sequential`).
+    """
+    first = summaries[0]
+    epochs = min(len(h) for h in histories)
+    out = {"kind": "seed_group", "experiment": first["experiment"],
+           "framework": first["framework"], "seeds": [s["config"]["seed"] for s in summaries],
+           "folders": [f"seed{s['config']['seed']}" for s in summaries],
+           "epochs_completed": epochs, "device": first.get("device"),
+           "perf": first.get("perf"), "params": first.get("params")}
+    if epochs:
+        out["final_eval_acc"] = mean_std([s["final_eval_acc"] for s in summaries])
+        out["best_eval_acc"] = mean_std([s["best_eval_acc"] for s in summaries])
+        out["mean_curves"] = {key: [statistics.fmean(h[e][key] for h in histories)
+                                    for e in range(epochs)] for key in CURVE_KEYS}
+        times = [s["mean_epoch_time_s"] for s in summaries]
+        out["group_epoch_time_s"] = (sum(times) if first.get("sequential") else times[0])
+        out["epoch_time_per_seed_s"] = out["group_epoch_time_s"] / len(summaries)
+    return out
+
+
+def write_group_summary(out_dir: Path, seeds: Sequence[int]) -> dict:
+    """Rebuild a group's summary.json from its seeds' folders (the twin runs them one by one)."""
+    summaries, histories = [], []
+    for seed in seeds:
+        folder = out_dir / f"seed{seed}"
+        summaries.append(json.loads((folder / "summary.json").read_text()))
+        histories.append([json.loads(line) for line in
+                          (folder / "metrics.jsonl").read_text().splitlines() if line.strip()])
+    group = group_summary(summaries, histories)
+    write_json(out_dir / "summary.json", group)
+    return group

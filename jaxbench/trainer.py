@@ -1,0 +1,210 @@
+"""The JAX side of the trainer contract (`loop.Trainer`): device-resident data, compiled steps.
+
+Data parallel: a 1-D mesh over all devices (all processes' devices after
+`jax.distributed.initialize()`); index arrays are sharded along the batch axis, state and the
+uint8 dataset replicated. XLA inserts the gradient and BatchNorm all-reduces, so N devices train
+exactly like one with the same global batch (up to float summation order).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxbench import data, models, perf
+from jaxbench.config import Config, ConfigError
+from jaxbench.loop import Diverged
+from jaxbench.train import (Metrics, TrainState, chunks, create_state, fetch, make_optimizer,
+                            make_schedule, make_steps, param_count, summarize, zero_metrics)
+
+
+class Trainer:
+    """Holds an experiment's compiled steps and device-resident data; runs epochs.
+
+    `seeds` (`--seeds`) trains a seed group as one program: every leaf of the state gets a
+    leading seed axis, each seed initialized and shuffled exactly as `--seed S` would be, and the
+    steps are vmapped over that axis. The seed axis is independent of the mesh: batches are
+    sharded over devices along their batch axis as for one seed.
+    `perf_record` (a resumed run's `Resolved.to_dict()`) reuses that run's speed decisions, so
+    a resume compiles exactly the program the interrupted run used.
+    """
+
+    checkpointable = True  # its state is a pytree that orbax saves and restores exactly
+
+    def __init__(self, cfg: Config, train: data.Split, test: data.Split,
+                 devices: list | None = None, perf_record: dict | None = None,
+                 seeds: Sequence[int] | None = None) -> None:
+        self.cfg = cfg
+        self.grouped = seeds is not None
+        self.seeds = tuple(seeds) if self.grouped else (cfg.seed,)
+        devices = list(devices or jax.devices())
+        if cfg.batch_size % len(devices):
+            raise ConfigError(f"--batch-size {cfg.batch_size} does not split evenly over "
+                              f"{len(devices)} devices; use a multiple of {len(devices)}.")
+        self.mesh = Mesh(np.array(devices), ("data",))
+        self.replicated = NamedSharding(self.mesh, P())
+        # (steps, batch) index arrays; a group's train indices are (seeds, steps, batch).
+        self.batched = NamedSharding(self.mesh, P(None, "data"))
+        self.seed_batched = NamedSharding(self.mesh, P(None, None, "data"))
+        self.train_size, self.eval_size = len(train), len(test)
+        self.steps_per_epoch = self.train_size // cfg.batch_size
+        self.mean, self.std = data.channel_stats(train.images)
+        self.schedule = make_schedule(cfg, self.steps_per_epoch)
+        self.tx = make_optimizer(cfg, self.schedule)
+        put = functools.partial(jax.device_put, device=self.replicated)
+        # Only the device keeps the images (on CPU a second copy): the caller may drop its own.
+        self.images = {"train": (put(train.images), put(train.labels)),
+                       "eval": (put(test.images), put(test.labels))}
+        self.eval_idx, self.eval_mask = data.eval_order(self.eval_size, cfg.batch_size)
+        self.programs = make_steps(self.mean, self.std, cfg.image_size, group=self.grouped)
+        self.train_fn = self.eval_fn = None  # compiled by `compile`
+        self.compile_time_s = 0.0
+        self.use(perf.resolve(cfg.perf, jax.default_backend(), cfg.model, cfg.num_classes,
+                              cfg.batch_size // len(devices), cfg.image_size, perf_record))
+
+    def use(self, resolved: perf.Resolved) -> None:
+        """Take these speed settings: the model's stem, steps per call, the compile options."""
+        self.perf = resolved
+        self.model = models.build(self.cfg.model, self.cfg.num_classes, resolved.dtype,
+                                  resolved.stem_conv)
+        self.steps_per_call = max(1, min(resolved.steps_per_call, self.steps_per_epoch))
+        # Eval follows the train choice: no scan loop where one step per call is faster (CPU).
+        self.eval_steps_per_call = (1 if self.steps_per_call == 1 else
+                                    max(1, min(self.steps_per_call * 4, len(self.eval_idx))))
+
+    def adopt(self, progress: dict) -> None:
+        """A resumed run compiles what the interrupted run compiled (its recorded decisions)."""
+        if "perf" in progress:
+            self.use(perf.resolve(self.cfg.perf, jax.default_backend(), self.cfg.model,
+                                  self.cfg.num_classes, self.cfg.batch_size, self.cfg.image_size,
+                                  progress["perf"]))
+
+    def member(self, tree: Any, i: int) -> Any:
+        """Seed i's part of a (grouped) pytree; the tree itself for a single seed."""
+        return jax.tree.map(lambda x: x[i], tree) if self.grouped else tree
+
+    def param_count(self, state: TrainState) -> int:
+        return param_count(self.member(state.params, 0))
+
+    def init_state(self) -> TrainState:
+        states = [create_state(self.cfg.replace(seed=s), self.steps_per_epoch, self.model, self.tx)
+                  for s in self.seeds]
+        state = jax.tree.map(lambda *xs: np.stack(xs), *states) if self.grouped else states[0]
+        return jax.device_put(state, self.replicated)
+
+    def shard(self, a: np.ndarray) -> jax.Array:
+        """A global (..., steps, batch) array sharded along the batch; each process gives its part."""
+        sharding = self.seed_batched if a.ndim == 3 else self.batched
+        if jax.process_count() == 1:
+            return jax.device_put(a, sharding)
+        local = np.split(a, jax.process_count(), axis=-1)[jax.process_index()]
+        return jax.make_array_from_process_local_data(sharding, local, a.shape)
+
+    def _stacked(self, tree: Any) -> Any:
+        if not self.grouped:
+            return tree
+        return jax.tree.map(lambda x: np.broadcast_to(x, (len(self.seeds), *np.shape(x))), tree)
+
+    def zero_sums(self) -> Metrics:
+        return jax.device_put(self._stacked(zero_metrics(training=True)), self.replicated)
+
+    def summarize(self, sums: Metrics) -> list[dict]:
+        """Per seed: mean loss, accuracy and count of an epoch's sums."""
+        return [summarize(self.member(sums, i)) for i in range(len(self.seeds))]
+
+    def compile(self, state: TrainState) -> float:
+        """Compile both steps ahead of time with the run's XLA options; return the seconds taken."""
+        t0 = time.perf_counter()
+        b, k, ek = self.cfg.batch_size, self.steps_per_call, self.eval_steps_per_call
+        options = self.perf.compiler_options
+        idx = self.shard(np.zeros((len(self.seeds), k, b) if self.grouped else (k, b), np.int32))
+        valid = jax.device_put(np.ones(k, bool), self.replicated)
+        self.train_fn, used = perf.compile_lowered(self.programs.train.lower(
+            state, self.zero_sums(), *self.images["train"], idx, valid), options)
+        self.eval_fn, _ = perf.compile_lowered(self.programs.evaluate.lower(
+            state, self.eval_zero(), *self.images["eval"], self.shard(np.zeros((ek, b), np.int32)),
+            self.shard(np.ones((ek, b), bool))), options)
+        if used != options:  # XLA rejected the options: record the compile that really ran
+            self.perf = dataclasses.replace(self.perf, xla_cpu="default", reasons={
+                **self.perf.reasons, "xla_cpu": f"XLA rejected {options}; its default compile"})
+        return time.perf_counter() - t0
+
+    def one_step_lowered(self) -> Any:
+        """The unoptimized program of one train step (for counting its FLOPs)."""
+        b = self.cfg.batch_size
+        shape = (len(self.seeds), 1, b) if self.grouped else (1, b)
+        return self.programs.train.lower(
+            self.init_state(), self.zero_sums(), *self.images["train"],
+            self.shard(np.zeros(shape, np.int32)), jax.device_put(np.ones(1, bool), self.replicated))
+
+    def train_epoch(self, state: TrainState, epoch: int, sums: Metrics | None = None,
+                    start: int = 0, progress: Callable[[int], None] = lambda n: None,
+                    stop: Callable[[], bool] = lambda: False) -> tuple[TrainState, Metrics, int]:
+        """Train epoch `epoch` from its step `start`; return (state, sums, steps done in it).
+
+        Returns early, between calls, when `stop()` turns true; raises `Diverged` at the first
+        non-finite loss (checked once per sync, where the host waits for progress anyway).
+        """
+        # Each seed's own order, as `--seed S` alone would see it: (steps, seeds, batch).
+        order = np.stack([data.epoch_order(s, epoch, self.train_size, self.cfg.batch_size)
+                          for s in self.seeds], axis=1)
+        sums = self.zero_sums() if sums is None else sums
+        k, done, pending = self.steps_per_call, start, 0
+        # Sync with the device every ~32 steps only: in between, Python enqueues the next steps
+        # while XLA runs the current one (async dispatch). A sync is the NaN check and the
+        # progress update; `first_bad_step` names the exact step whenever it is looked at.
+        sync_every = max(1, 32 // k)
+        for call, (n, (idx,)) in enumerate(chunks(k, order[start:]), 1):
+            if stop():
+                break
+            valid = jax.device_put(np.arange(k) < n, self.replicated)
+            idx = idx.transpose(1, 0, 2) if self.grouped else idx[:, 0]
+            state, sums = self.train_fn(state, sums, *self.images["train"], self.shard(idx), valid)
+            done += n
+            pending += n
+            if call % sync_every == 0:
+                self._check(sums, epoch)
+                progress(pending * self.cfg.batch_size)
+                pending = 0
+        self._check(sums, epoch)  # also before a Ctrl-C checkpoint: never save a diverged state
+        progress(pending * self.cfg.batch_size)
+        return state, sums, done
+
+    def _check(self, sums: Metrics, epoch: int) -> None:
+        first_bad = np.atleast_1d(fetch(sums["first_bad_step"]))
+        for seed, step in zip(self.seeds, first_bad):
+            if step >= 0:  # a NaN in one seed stops the group, naming that seed
+                raise Diverged(epoch, int(step), seed if self.grouped else None)
+
+    def eval_zero(self) -> Metrics:
+        return jax.device_put(self._stacked(zero_metrics()), self.replicated)
+
+    def evaluate(self, state: TrainState) -> list[dict]:
+        metrics = self.eval_zero()
+        for _, (idx, mask) in chunks(self.eval_steps_per_call, self.eval_idx, self.eval_mask):
+            metrics = self.eval_fn(state, metrics, *self.images["eval"], self.shard(idx),
+                                   self.shard(mask))
+        return self.summarize(metrics)
+
+    def checkpoint_tree(self, state: TrainState, sums: Metrics) -> dict:
+        return {"state": state, "sums": sums}
+
+    def global_step(self, state: TrainState) -> int:
+        return int(np.ravel(fetch(state.step))[0])  # the seeds of a group step together
+
+    def param_leaves(self, state: TrainState, i: int = 0) -> list[np.ndarray]:
+        return [fetch(x) for x in jax.tree.leaves(self.member(state.params, i))]
+
+    def lr(self, state: TrainState) -> float:
+        """The learning rate of the last step taken."""
+        return float(self.schedule(max(self.global_step(state) - 1, 0)))
+
+    def record(self) -> dict[str, Any]:
+        """What summary.json says about this trainer: the speed settings it really used."""
+        return {"perf": self.perf.to_dict()}

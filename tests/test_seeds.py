@@ -1,0 +1,152 @@
+"""`--seeds`: a seed group trains as one vmapped program, each seed as `--seed S` alone would."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxbench import config, data, loop, run
+from jaxbench.train import fetch
+from jaxbench.trainer import Trainer
+from conftest import synthetic_split
+
+
+def train(trainer: Trainer, epochs: int):
+    """Train directly; return the state and per-epoch [train loss per seed, eval loss per seed]."""
+    state = trainer.init_state()
+    trainer.compile(state)
+    curves = []
+    for epoch in range(1, epochs + 1):
+        state, sums, _ = trainer.train_epoch(state, epoch)
+        curves.append([m["loss"] for m in trainer.summarize(sums)]
+                      + [m["loss"] for m in trainer.evaluate(state)])
+    return state, curves
+
+
+def leaves(tree):
+    return [np.asarray(fetch(x), np.float64) for x in jax.tree.leaves(tree)]
+
+
+def noise_split(n: int, seed: int) -> data.Split:
+    """Random images and labels: BatchNorm sees well-spread channels (no near-zero variances)."""
+    rng = np.random.default_rng(seed)
+    return data.Split(rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8),
+                      rng.integers(0, 10, n).astype(np.int32))
+
+
+def flat(tree) -> np.ndarray:
+    return np.concatenate([np.zeros(0)] + [x.ravel() for x in leaves(tree)])
+
+
+@pytest.mark.parametrize("exp, n_train, batch, loss_rtol", [("fmnist_baseline", 192, 32, 1e-5),
+                                                            ("fmnist_target", 24, 8, 1e-4)])
+def test_each_seed_of_a_group_trains_like_its_single_seed_run(exp, n_train, batch, loss_rtol):
+    """Same start (bit for bit), same data order, same trajectory within float32 tolerance.
+
+    Not bit-identical in general: vmap makes each convolution one batched convolution, and the
+    compile may pick kernels that sum in another order (with XLA's default compile on an AMD
+    EPYC the BaselineCNN group was bit-identical; with `ynn-reduce` / `ynn-off`, after 2 epochs,
+    its losses differed by ~1e-7 relative and its parameters by ~1e-6 of their norm). Plain SGD
+    at a small learning rate keeps such rounding differences proportional (update -lr * g);
+    Adam's first steps are ~lr * sign(g) and a large rate makes training chaotic, either of
+    which would amplify them and hide how close the two computations are. Single tensors whose
+    gradient is a sum that cancels to near zero (a BatchNorm bias before the next BatchNorm)
+    differ by up to a few percent of their own tiny norm, so the parameters and the BatchNorm
+    statistics are compared as whole vectors: measured ~1e-6 relative, bound 1e-4. Losses:
+    measured <= 2e-5 (TargetCNN, batch 8) and ~1e-7 (BaselineCNN), bounds 1e-4 and 1e-5.
+    """
+    cfg = config.load(exp).replace(epochs=2, batch_size=batch, optimizer="sgd", learning_rate=0.01)
+    train_split, eval_split = noise_split(n_train, 0), noise_split(16, 1)
+    group = Trainer(cfg, train_split, eval_split, seeds=(3, 5))
+    for i, seed in enumerate((3, 5)):  # initialized exactly as --seed S would be
+        single = Trainer(cfg.replace(seed=seed), train_split, eval_split)
+        for a, b in zip(leaves(single.init_state().params),
+                        leaves(group.member(group.init_state().params, i))):
+            np.testing.assert_array_equal(a, b)
+    group_state, group_curves = train(group, 2)
+    for i, seed in enumerate((3, 5)):
+        state, curves = train(Trainer(cfg.replace(seed=seed), train_split, eval_split), 2)
+        for epoch in range(2):
+            ours = [group_curves[epoch][i], group_curves[epoch][2 + i]]
+            np.testing.assert_allclose(ours, curves[epoch], rtol=loss_rtol)
+        member = group.member(group_state, i)
+        for a, b in ((flat(state.params), flat(member.params)),
+                     (flat(state.batch_stats), flat(member.batch_stats))):
+            assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(a), np.linalg.norm(a - b)
+    # The two seeds really differ (different init and data order).
+    assert group_curves[-1][0] != group_curves[-1][1]
+
+
+@pytest.fixture(scope="module")
+def arrays(tmp_path_factory):
+    path = tmp_path_factory.mktemp("arrays") / "fmnist.npz"
+    data.save_arrays(path, "fashion_mnist", synthetic_split(256), synthetic_split(64, seed=1))
+    return path
+
+
+def test_a_group_run_writes_one_folder_per_seed_and_a_group_summary(arrays, tmp_path, capsys):
+    code = run.main(["--exp", "fmnist_baseline", "--arrays", str(arrays), "--epochs", "2",
+                     "--seeds", "0,2", "--out", str(tmp_path)])
+    assert code == 0
+    out = tmp_path / "fmnist_baseline"
+    finals = []
+    for seed in (0, 2):
+        s = json.loads((out / f"seed{seed}" / "summary.json").read_text())
+        rows = [json.loads(l) for l in (out / f"seed{seed}" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["epoch"] for r in rows] == [1, 2] and s["config"]["seed"] == seed
+        assert s["final_eval_acc"] == rows[-1]["eval_acc"] and len(s["params_sha256"]) == 64
+        assert s["seed_group"] == [0, 2]
+        finals.append(s["final_eval_acc"])
+    group = json.loads((out / "summary.json").read_text())
+    assert group["kind"] == "seed_group" and group["seeds"] == [0, 2]
+    assert group["final_eval_acc"]["values"] == finals
+    assert group["final_eval_acc"]["mean"] == pytest.approx(np.mean(finals))
+    assert group["final_eval_acc"]["std"] == pytest.approx(np.std(finals, ddof=1))
+    assert len(group["mean_curves"]["eval_acc"]) == 2 and group["group_epoch_time_s"] > 0
+    assert "seed group [0, 2]" in capsys.readouterr().out
+
+
+def test_the_twin_runs_a_group_one_seed_after_another(arrays, tmp_path):
+    pytest.importorskip("torch")
+    code = run.main(["--exp", "fmnist_baseline", "--arrays", str(arrays), "--epochs", "1",
+                     "--framework", "torch", "--seeds", "2", "--out", str(tmp_path)])
+    assert code == 0
+    out = tmp_path / "fmnist_baseline_torch"
+    assert {p.name for p in out.iterdir()} >= {"seed0", "seed1", "summary.json"}
+    group = json.loads((out / "summary.json").read_text())
+    assert group["seeds"] == [0, 1] and group["framework"] == "torch"
+    assert group["group_epoch_time_s"] == pytest.approx(
+        sum(json.loads((out / f"seed{s}" / "summary.json").read_text())["mean_epoch_time_s"]
+            for s in (0, 1)))
+
+
+def test_a_nan_in_one_seed_stops_the_group_naming_it(tmp_path, monkeypatch):
+    cfg = config.load("fmnist_baseline").replace(epochs=2, batch_size=32)
+    trainer = Trainer(cfg, synthetic_split(128), synthetic_split(32, seed=1), seeds=(0, 1, 2))
+    original = trainer.train_epoch
+
+    def poisoned(state, epoch, *args, **kwargs):  # seed 1 (index 1) gets NaN weights in epoch 2
+        if epoch == 2:
+            poison = jnp.asarray([1.0, jnp.nan, 1.0])
+            state = state.replace(params=jax.tree.map(
+                lambda p: p * poison.reshape(3, *([1] * (p.ndim - 1))), state.params))
+        return original(state, epoch, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_epoch", poisoned)
+    with pytest.raises(loop.Diverged, match="seed 1 became NaN or Inf at epoch 2, step 1") as err:
+        loop.fit(cfg, trainer, tmp_path)
+    assert err.value.seed == 1
+
+
+@pytest.mark.parametrize("value", ["0,0", "-1,2", "0", "a,b"])
+def test_bad_seed_lists_exit_2(value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run.main(["--exp", "fmnist_baseline", "--seeds", value])
+    assert exit_.value.code == 2 and "--seeds" in capsys.readouterr().err
+
+
+def test_seed_and_seeds_together_exit_2(capsys):
+    assert run.main(["--exp", "fmnist_baseline", "--seed", "1", "--seeds", "0,1"]) == 2
+    assert "--seed and --seeds" in capsys.readouterr().err
