@@ -25,11 +25,13 @@ for name, cfg, n_train in [
     # One step: the loss, the update and the BatchNorm running statistics themselves. Plain SGD,
     # whose update is -lr * g: Adam's first step is lr * sign(g), which flips on float noise
     # wherever a gradient entry is ~0 and would hide how closely the gradients agree.
+    # XLA's default compile throughout: this test is about the mesh, not the compile choice.
     ("step", config.load("fmnist_target").replace(epochs=1, batch_size=16, optimizer="sgd",
-                                                  learning_rate=0.1), 16),
+                                                  learning_rate=0.1, xla_cpu="default"), 16),
     # A trajectory: 2 epochs of 6 steps, SGD with momentum and the cosine schedule.
     ("run", config.load("fmnist_target").replace(epochs=2, batch_size=16, optimizer="sgd",
-                                                 learning_rate=0.01, schedule="cosine"), 96),
+                                                 learning_rate=0.01, schedule="cosine",
+                                                 xla_cpu="default"), 96),
 ]:
     for n in (1, 2):
         t = Trainer(cfg, synthetic_split(n_train), synthetic_split(40, seed=1),
@@ -50,7 +52,7 @@ for name, cfg, n_train in [
             "devices": len(state.params["Conv_0"]["kernel"].sharding.device_set)}
 # A seed group on a mesh: the seed axis is independent of the batch-sharded device axis.
 cfg = config.load("fmnist_target").replace(epochs=2, batch_size=16, optimizer="sgd",
-                                           learning_rate=0.01, schedule="cosine")
+                                           learning_rate=0.01, schedule="cosine", xla_cpu="default")
 for n in (1, 2):
     t = Trainer(cfg, synthetic_split(96), synthetic_split(40, seed=1), devices=jax.devices()[:n],
                 seeds=(0, 1))
