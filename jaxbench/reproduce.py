@@ -12,9 +12,9 @@ yet under one folder (default `results/reproduce/`), then writes the paper repor
 
 Before it starts it prints the plan: each run, its epochs and an estimated time from a short timed
 warm-up of each model through the real Trainer on this machine. Each run is a subprocess
-(`python -m jaxbench.run`, seeds vmapped as one program with `--seeds`, or one seed at a time where
-the warm-up measured that faster), so JAX state never leaks from one run into the next and an
-interrupted suite resumes naturally: rerun the same command after Ctrl-C or kill -9 and finished
+(`python -m jaxbench.run`: on an accelerator the seeds vmapped as one program with `--seeds`; on a
+CPU one seed at a time, see `auto_grouping`), so JAX state never leaks from one run into the next
+and an interrupted suite resumes naturally: rerun the same command after Ctrl-C or kill -9 and finished
 runs are skipped (their summary.json holds every epoch), an unfinished one continues from its last
 checkpoint (`--resume`), and the final numbers are those of an uninterrupted suite. The data are
 checked (prepared, opened) before any training; a dataset that cannot be had ends the command at
@@ -31,6 +31,7 @@ import math
 import os
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -278,12 +279,12 @@ def warmup_item(exp: str, cfg: Config, resumed: list[Job], pending: list[int], o
         modes.add("single")
     elif pending and decided == "group":
         modes.add("group")
-    elif pending:  # undecided: time both, the faster one is kept
-        modes |= {"single", "group"}
+    elif pending:  # the probe knows the device: auto_grouping's choice
+        modes.add("auto")
     group = max([j.seeds for j in resumed if j.mode == "group"]
                 + ([tuple(pending)] if len(pending) > 1 else []), key=len, default=())
     return {"exp": exp, "name": cfg.name, "overrides": overrides, "seeds": list(group),
-            "modes": [m for m in ("single", "group") if m in modes], "shape": SHAPES[cfg.dataset]}
+            "modes": sorted(modes), "shape": SHAPES[cfg.dataset]}
 
 
 def steps_and_batches(cfg: Config, sizes: tuple[int, int]) -> tuple[int, int]:
@@ -305,26 +306,31 @@ def estimate(job: Job, timing: dict | None, sizes: tuple[int, int]) -> dict | No
             "total_s": setup_s + left * epoch_s}
 
 
+def auto_grouping(backend: str | None) -> dict:
+    """`--grouping auto`: seeds as one vmapped program on an accelerator, one after another on
+    XLA:CPU, where a vmapped group ran 12-27x slower per seed than one seed alone (BaselineCNN,
+    2 and 3 seeds, 2-core AMD EPYC, 2026-11-27): there a group costs far more than it saves."""
+    if backend == "cpu":
+        return {"mode": "sequential", "reason": "auto on CPU: XLA:CPU runs a vmapped seed group "
+                "many times slower per seed than one seed alone; --grouping group forces groups"}
+    if backend is None:
+        return {"mode": "group", "reason": "auto, device unknown here (a dry run without the "
+                "warm-up): seeds vmapped as one program unless the device is a CPU"}
+    return {"mode": "group", "reason": f"auto on {backend}: the seeds vmapped as one program "
+            "(--seeds), every kernel doing all seeds' work"}
+
+
 def decide_grouping(seeds: list[int], flag: str, recorded: dict | None,
-                    timing: dict | None, sizes: tuple[int, int], cfg: Config) -> dict:
-    """How this experiment's never-started seeds run: {"mode": "group"|"sequential", "reason"}."""
+                    backend: str | None) -> dict:
+    """How this experiment's never-started seeds run: {"mode": "group"|"sequential", "reason"}.
+    Decided once per suite folder (recorded in provenance.json) and kept when it resumes."""
     if flag != "auto":
         return {"mode": flag, "reason": f"set by --grouping {flag}"}
     if recorded:
         return recorded
     if len(seeds) <= 1:
-        return {"mode": "sequential", "reason": "auto: one seed"}
-    single, group = (timing or {}).get("single"), (timing or {}).get("group")
-    if not (single and group):
-        return {"mode": "group", "reason": "auto without a warm-up measurement: seeds vmapped "
-                "as one program (--seeds)"}
-    steps, batches = steps_and_batches(cfg, sizes)
-    g = steps * group["step_s"] + batches * group["eval_batch_s"]
-    s = len(seeds) * (steps * single["step_s"] + batches * single["eval_batch_s"])
-    mode = "group" if g <= s else "sequential"
-    return {"mode": mode, "reason": f"auto: measured an epoch of {len(seeds)} seeds at {fmt_s(g)} "
-            f"as one vmapped group vs {fmt_s(s)} one seed after another",
-            "group_epoch_s": g, "sequential_epoch_s": s}
+        return {"mode": "sequential", "reason": "one seed"}
+    return auto_grouping(backend)
 
 
 def fmt_s(seconds: float | None) -> str:
@@ -469,7 +475,6 @@ def probe() -> None:
     if any("error" in v for v in result["data"].values()):
         return
     for item in request["warmup"]:
-        print(f"warm-up: {item['name']} ({', '.join(item['modes'])})", flush=True)
         try:
             result["timing"][item["name"]] = warm_up(item, request["budget_s"])
         except Exception as err:  # noqa: BLE001  an estimate is never worth failing the suite
@@ -528,8 +533,10 @@ def warm_up(item: dict, budget_s: float) -> dict:
     # CPU: one step per call, the budget stops it; elsewhere a few 50-step calls.
     train = split(cfg.batch_size * (64 if cpu else 512))
     test = split(cfg.batch_size * (4 if cpu else 64))
+    auto = "single" if cpu else "group"
+    modes = sorted({auto if m == "auto" else m for m in item["modes"]}, reverse=True)  # single first
     out, record = {}, None
-    for mode in item["modes"]:
+    for mode in modes:
         seeds = tuple(item["seeds"]) if mode == "group" else None
         t0 = time.perf_counter()
         trainer = Trainer(cfg, train, test, seeds=seeds, perf_record=record)
@@ -544,15 +551,21 @@ def warm_up(item: dict, budget_s: float) -> dict:
                 return asked[0] > n
             return stop
 
-        # The first call (warm-up) also sizes the timed part: calls are dispatched
-        # asynchronously, so a clock checked between them would not bound the time.
-        t1 = time.perf_counter()
-        state, sums, first = trainer.train_epoch(state, 1, stop=calls(1))
-        per_call = time.perf_counter() - t1
-        n = max(1, min(int(budget_s / max(per_call, 1e-6)), len(train.labels) // cfg.batch_size // first))
-        t1 = time.perf_counter()
-        state, sums, done = trainer.train_epoch(state, 2, stop=calls(n))
-        step_s = (time.perf_counter() - t1) / max(done, 1)
+        # One call per train_epoch: it returns after the device is done (its NaN check reads
+        # the sums), so each call is timed exactly. The first call warms up; the median of the
+        # next (at least 3, until the budget is spent, unless one call takes many budgets)
+        # shrugs off a spike of a busy machine.
+        state, sums, _ = trainer.train_epoch(state, 1, stop=calls(1))
+        times, done, t1 = [], 0, time.perf_counter()
+        while len(times) < 200:
+            elapsed = time.perf_counter() - t1
+            if times and (elapsed > 10 * budget_s or (len(times) >= 3 and elapsed > budget_s)):
+                break
+            t = time.perf_counter()
+            state, sums, n = trainer.train_epoch(state, 2 + len(times), stop=calls(1))
+            times.append((time.perf_counter() - t) / n)
+            done += n
+        step_s = statistics.median(times)
         trainer.evaluate(state)  # warm
         t2 = time.perf_counter()
         trainer.evaluate(state)
@@ -562,8 +575,8 @@ def warm_up(item: dict, budget_s: float) -> dict:
                      "setup_s": setup_s, "step_s": step_s, "steps_timed": done,
                      "eval_batch_s": eval_batch_s, "perf": trainer.perf.line()}
         print(f"warm-up: {cfg.name}, {'group of ' + str(len(trainer.seeds)) if seeds else 'one seed'}:"
-              f" {step_s * 1000:.1f} ms per train step ({done} timed), {eval_batch_s * 1000:.1f} ms"
-              f" per eval batch, setup {setup_s:.1f} s", flush=True)
+              f" {step_s * 1000:.1f} ms per train step (median of {len(times)} calls, {done} steps),"
+              f" {eval_batch_s * 1000:.1f} ms per eval batch, setup {setup_s:.1f} s", flush=True)
         record = trainer.perf.to_dict() if mode == "single" else record
         del trainer, state, sums
     return out
@@ -643,8 +656,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--tiny-arrays", help="Tiny ImageNet from an .npz of `python -m jaxbench.data "
                    "export` instead")
     p.add_argument("--grouping", choices=("auto", "group", "sequential"), default="auto",
-                   help="seeds as one vmapped program (group) or one after another; auto: the "
-                   "faster in the warm-up, decided once per experiment and kept on resume")
+                   help="seeds as one vmapped program (group) or one after another (sequential); "
+                   "auto: groups on an accelerator, one after another on a CPU. Decided once per "
+                   "experiment and suite folder, kept when it resumes")
     p.add_argument("--dry-run", action="store_true", help="print the plan (with estimates) and exit")
     p.add_argument("--no-estimate", action="store_true", help="skip the timed warm-up")
     p.add_argument("--warmup-seconds", type=float, default=3.0,
@@ -747,9 +761,12 @@ def print_plan(suite: Suite, out: Path, seeds, jobs: list[Job], finished: list[t
         if i == 0:
             print("  " + "  ".join("-" * w for w in widths))
     print()
+    ways: dict[tuple[str, str], list[str]] = {}
     for name, g in grouping.items():
-        print(f"  {name}: seeds {'as one vmapped group' if g['mode'] == 'group' else 'one after another'}"
-              f" ({g['reason']})")
+        ways.setdefault((g["mode"], g["reason"]), []).append(name)
+    for (mode, reason), exps in ways.items():
+        print(f"  {', '.join(exps)}: seeds {'as one vmapped group' if mode == 'group' else 'one after another'}"
+              f" ({reason})")
     if not jobs:
         print("  nothing to run: every run is finished.")
     elif estimated and all(j.estimate for j in jobs):
@@ -890,12 +907,16 @@ def _main(argv: Sequence[str] | None) -> int:
                   file=sys.stderr)
 
     timing = (probe_result or {}).get("timing", {})
+    backend = (probe_result or {}).get("backend")
+    if backend is None and args.dry_run and needed:  # no probe ran: a dry run may ask JAX here
+        import jax
+
+        backend = jax.default_backend()
     grouping, jobs = {}, []
     for e in chosen:
         cfg, name = cfgs[e], names[e]
         if pending[e]:
-            grouping[name] = decide_grouping(pending[e], args.grouping, recorded.get(name),
-                                             timing.get(name), sizes[cfg.dataset], cfg)
+            grouping[name] = decide_grouping(pending[e], args.grouping, recorded.get(name), backend)
         mode = grouping.get(name, {}).get("mode", "group")
         for job in resumed[e] + new_jobs(e, cfg, pending[e], mode, out, states[e]):
             job.estimate = estimate(job, timing.get(name), sizes[cfg.dataset])

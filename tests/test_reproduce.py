@@ -63,7 +63,7 @@ def plan_rows(capsys, *args):
     lines = out.splitlines()
     first = next(i for i, line in enumerate(lines) if line.strip().startswith("----")) + 1
     last = lines.index("", first)
-    return [line.split()[0] for line in lines[first:last]], out
+    return list(dict.fromkeys(line.split()[0] for line in lines[first:last])), out
 
 
 def test_dry_run_prints_the_plan_and_filters(capsys, tmp_path):
@@ -206,3 +206,22 @@ def test_a_killed_suite_reruns_to_the_numbers_of_an_uninterrupted_one(fixture_su
                            capture_output=True, text=True)
     assert again.returncode == 0 and "nothing to run" in again.stdout and "===" not in again.stdout
     assert read(out, "fmnist_baseline", 1) == reference[1]
+
+
+def test_a_group_suite_trains_its_seeds_as_one_program(fixture_suite, tmp_path):
+    """--grouping group: one `jaxbench.run --seeds 0,1` run; its own group summary; no checkpoints
+    left once finished."""
+    out = tmp_path / "out"
+    args = suite_args(fixture_suite, out, "--no-estimate", "--epochs", "1")
+    args[args.index("sequential")] = "group"
+    res = subprocess.run(cli(*args), cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "--seeds 0,1" in res.stdout and "=== [1/1]" in res.stdout
+    group = json.loads((out / "runs" / "fmnist_baseline" / "summary.json").read_text())
+    assert group["seeds"] == [0, 1] and "assembled_by" not in group
+    for seed in (0, 1):
+        summary = json.loads((out / "runs" / "fmnist_baseline" / f"seed{seed}" / "summary.json").read_text())
+        assert summary["seed_group"] == [0, 1] and summary["epochs_completed"] == 1
+    assert not (out / "checkpoints").exists() and (out / "README.md").is_file()
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["grouping"]["fmnist_baseline"] == {"mode": "group", "reason": "set by --grouping group"}
