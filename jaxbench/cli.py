@@ -80,7 +80,7 @@ def add_perf_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--stem-conv", choices=perf.STEM_CONVS,
                    help="BaselineCNN's first convolution: XLA's, or a tap sum (auto: taps on CPU)")
     g.add_argument("--xla-cpu", choices=perf.XLA_CPU,
-                   help="XLA:CPU compile options (auto: the fastest that agrees with XLA's "
+                   help="XLA:CPU compile options (auto: ynn-reduce where it agrees with XLA's "
                    "default compile in a float32 self-check)")
 
 

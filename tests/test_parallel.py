@@ -51,8 +51,10 @@ for name, cfg, n_train in [
             "sharding": str(state.params["Conv_0"]["kernel"].sharding.spec),
             "devices": len(state.params["Conv_0"]["kernel"].sharding.device_set)}
 # A seed group on a mesh: the seed axis is independent of the batch-sharded device axis.
-cfg = config.load("fmnist_target").replace(epochs=2, batch_size=16, optimizer="sgd",
-                                           learning_rate=0.01, schedule="cosine", xla_cpu="default")
+# (BaselineCNN to keep it short: tests/test_seeds.py checks TargetCNN groups seed by seed.)
+cfg = config.load("fmnist_baseline").replace(epochs=2, batch_size=16, optimizer="sgd",
+                                             learning_rate=0.01, schedule="cosine",
+                                             xla_cpu="default")
 for n in (1, 2):
     t = Trainer(cfg, synthetic_split(96), synthetic_split(40, seed=1), devices=jax.devices()[:n],
                 seeds=(0, 1))
@@ -85,7 +87,6 @@ def test_two_devices_match_one():
         a, b = np.asarray(a), np.asarray(b)
         assert np.linalg.norm(b - a) <= 2e-2 * np.linalg.norm(a) + 1e-8, (a, b)
     np.testing.assert_allclose(out["run2"]["losses"], out["run1"]["losses"], rtol=1e-3)
-    # The seed group: two devices like one; its seed 0 like the single seed-0 run.
+    # The seed group: two devices like one, and its two seeds really differ.
     np.testing.assert_allclose(out["group2"]["losses"], out["group1"]["losses"], rtol=1e-3)
-    seed0 = [out["group1"]["losses"][i] for i in (0, 2, 4, 6)]  # train, eval per epoch
-    np.testing.assert_allclose(seed0, out["run1"]["losses"], rtol=1e-3)
+    assert out["group1"]["losses"][0] != out["group1"]["losses"][1]

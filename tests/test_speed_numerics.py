@@ -80,6 +80,7 @@ def test_the_compile_auto_picks_is_float32_exact_here(name):
     chosen, record = perf.choose_xla_cpu(name, 10, "taps" if name == "baseline" else "xla",
                                          batch, 64)
     assert record["candidates"][chosen]["agrees"]
+    assert chosen == "default" or record["candidates"][chosen]["max_error"] <= perf.AGREEMENT
     passed = {k: perf.XLA_CPU_OPTIONS[k] for k, v in record["candidates"].items() if v.get("agrees")}
     errors = _float64_errors(name, batch, passed)
     for label in passed:
@@ -108,7 +109,7 @@ def test_the_gate_rejects_a_compile_that_changes_the_numbers():
         "baseline", 10, "xla", 4, 64, candidates=("ynn-reduce",), compile_fn=compile_fn)
     assert chosen == "default"
     bad = record["candidates"]["ynn-reduce"]
-    assert not bad["agrees"] and 5e-3 < bad["max_error"] < 2e-2 and "ms" not in bad
+    assert not bad["agrees"] and 5e-3 < bad["max_error"] < 2e-2
 
 
 def test_a_run_records_its_compile_and_a_resume_reuses_it():
