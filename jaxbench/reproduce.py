@@ -308,8 +308,9 @@ def estimate(job: Job, timing: dict | None, sizes: tuple[int, int]) -> dict | No
 
 def auto_grouping(backend: str | None) -> dict:
     """`--grouping auto`: seeds as one vmapped program on an accelerator, one after another on
-    XLA:CPU, where a vmapped group ran 12-27x slower per seed than one seed alone (BaselineCNN,
-    2 and 3 seeds, 2-core AMD EPYC, 2026-11-27): there a group costs far more than it saves."""
+    XLA:CPU, where one step of a vmapped group took 14-27x as long as one seed's step, 6-9x per
+    seed (BaselineCNN, groups of 2 and 3, warm-ups on a busy 2-core AMD EPYC, 2026-11-27): there a
+    group costs far more than it saves."""
     if backend == "cpu":
         return {"mode": "sequential", "reason": "auto on CPU: XLA:CPU runs a vmapped seed group "
                 "many times slower per seed than one seed alone; --grouping group forces groups"}
