@@ -19,7 +19,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 
 from jaxbench.config import Config, ConfigError
-from jaxbench.outputs import Outputs, params_digest
+from jaxbench.outputs import Outputs, ensure_dir, params_digest
 
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
@@ -113,22 +113,44 @@ class Progress:
 
 def open_checkpoints(trainer: Trainer, out_dir: Path, checkpoint_dir: Path | None,
                      resume: bool, restart: bool):
-    """The run's `Checkpoints`, or None for a trainer that keeps none."""
+    """The run's `Checkpoints`, or None for a trainer that keeps none.
+
+    The folder must be usable (exit 2 naming the flag otherwise). `--restart` discards the
+    checkpoints but keeps `damaged/`: damaged checkpoints are only ever removed by hand.
+    """
     if not trainer.checkpointable:
         if resume:
             raise ConfigError("--resume: checkpoints exist for the JAX path only, not for the "
                               "PyTorch twin.")
         return None
-    from jaxbench.checkpoint import Checkpoints
+    from jaxbench.checkpoint import DAMAGED, Checkpoints
 
     path = Path(checkpoint_dir or out_dir / "checkpoints")
-    if restart and path.exists():
-        shutil.rmtree(path)
+    ensure_dir(path, "--checkpoint-dir" if checkpoint_dir else "--out")
+    if restart:
+        for child in sorted(path.iterdir()):
+            if child.name == DAMAGED:
+                print(f"--restart: kept the damaged checkpoints in {child}", file=sys.stderr,
+                      flush=True)
+            elif child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
     return Checkpoints(path)
 
 
+class NoIntactCheckpoint(ConfigError):
+    """`--resume` found checkpoints, none of them usable: exit 2, nothing deleted."""
+
+
 def restore_or_init(cfg: Config, trainer: Trainer, ckpts, resume: bool) -> tuple[Any, Any, Progress]:
-    """A fresh state, or the latest checkpoint's when resuming; compiles the steps either way."""
+    """A fresh state, or the newest intact checkpoint's when resuming; compiles the steps.
+
+    Resuming tries the checkpoints newest first. One that is damaged (unreadable, truncated, or
+    its digest differs from the one recorded at save time) is skipped with a warning naming its
+    step and why, then moved to `<checkpoints>/damaged/` (kept, never deleted) once an older one
+    restored; with none intact, `NoIntactCheckpoint` (exit 2) names the folder and `--restart`.
+    """
     latest = ckpts.latest_step() if ckpts is not None else None
     if ckpts is not None and not resume and latest is not None:
         raise ConfigError(f"{ckpts.directory} already holds checkpoints of an earlier run "
@@ -137,25 +159,66 @@ def restore_or_init(cfg: Config, trainer: Trainer, ckpts, resume: bool) -> tuple
     if resume and latest is None:
         raise ConfigError(f"--resume: no checkpoint in {ckpts.directory}; run without --resume "
                           "to start the experiment.")
-    previous = ckpts.progress(latest) if resume else None
-    if previous is not None:
-        if previous["config"] != cfg.to_dict() or previous.get("seeds") != list(trainer.seeds):
-            diff = sorted(k for k in cfg.to_dict() if previous["config"].get(k) != cfg.to_dict()[k])
-            diff += ["seeds"] if previous.get("seeds") != list(trainer.seeds) else []
-            raise ConfigError(f"--resume: the checkpoint in {ckpts.directory} was made with other "
-                              f"settings ({', '.join(diff)}); resume with the same flags, or "
-                              "pass --restart to discard it.")
-        trainer.adopt(previous)  # the interrupted run's speed decisions: the same program
-    state = trainer.init_state()
-    trainer.compile_time_s = trainer.compile(state)
-    sums, progress = trainer.zero_sums(), Progress([[] for _ in trainer.seeds])
-    if previous is not None:
-        tree, _ = ckpts.restore(trainer.checkpoint_tree(state, sums), latest)
-        state, sums = tree["state"], tree["sums"]
-        progress = Progress(previous["histories"], previous["epoch"], previous["step_in_epoch"])
-        print(f"[{cfg.name}] resumed from {ckpts.directory} (step {latest}): epoch "
-              f"{progress.epoch}, step {progress.step_in_epoch} of {trainer.steps_per_epoch}",
-              flush=True)
+    if not resume:
+        state = trainer.init_state()
+        trainer.compile_time_s = trainer.compile(state)
+        return state, trainer.zero_sums(), Progress([[] for _ in trainer.seeds])
+    return _resume_intact(cfg, trainer, ckpts)
+
+
+def _check_settings(cfg: Config, trainer: Trainer, ckpts, previous: dict) -> None:
+    """A checkpoint resumes only the run that made it: same config, same seeds."""
+    if previous["config"] != cfg.to_dict() or previous.get("seeds") != list(trainer.seeds):
+        old = previous["config"] if isinstance(previous["config"], dict) else {}
+        diff = sorted(k for k in cfg.to_dict() if old.get(k) != cfg.to_dict()[k])
+        diff += ["seeds"] if previous.get("seeds") != list(trainer.seeds) else []
+        raise ConfigError(f"--resume: the checkpoint in {ckpts.directory} was made with other "
+                          f"settings ({', '.join(diff)}); resume with the same flags, or "
+                          "pass --restart to discard it.")
+
+
+_UNSET = object()
+
+
+def _resume_intact(cfg: Config, trainer: Trainer, ckpts) -> tuple[Any, Any, Progress]:
+    from jaxbench.checkpoint import CheckpointDamaged
+
+    skipped: list[CheckpointDamaged] = []
+    compiled_for: Any = _UNSET  # the perf record the steps were compiled for
+    for step in sorted(ckpts.all_steps(), reverse=True):
+        try:
+            previous = ckpts.progress(step)
+        except CheckpointDamaged as err:
+            skipped.append(err)
+            continue
+        _check_settings(cfg, trainer, ckpts, previous)
+        if compiled_for is _UNSET or previous.get("perf") != compiled_for:
+            trainer.adopt(previous)  # the interrupted run's speed decisions: the same program
+            state = trainer.init_state()
+            trainer.compile_time_s = trainer.compile(state)
+            compiled_for = previous.get("perf")
+        sums = trainer.zero_sums()
+        try:
+            tree, previous = ckpts.restore(trainer.checkpoint_tree(state, sums), step)
+        except CheckpointDamaged as err:
+            skipped.append(err)
+            continue
+        break
+    else:
+        reasons = "; ".join(str(err) for err in skipped)
+        raise NoIntactCheckpoint(
+            f"--resume: no intact checkpoint in {ckpts.directory} ({reasons}). Nothing was "
+            "deleted. Pass --restart to discard them and start over (this deletes them), or "
+            "move the folder away to keep it.")
+    for err in skipped:
+        moved = ckpts.quarantine(err.step)
+        print(f"warning: skipped {err}; moved it to {moved} (kept, not deleted); continuing "
+              f"from the previous checkpoint, step {step}", file=sys.stderr, flush=True)
+    state, sums = tree["state"], tree["sums"]
+    progress = Progress(previous["histories"], previous["epoch"], previous["step_in_epoch"])
+    print(f"[{cfg.name}] resumed from {ckpts.directory} (step {step}): epoch "
+          f"{progress.epoch}, step {progress.step_in_epoch} of {trainer.steps_per_epoch}",
+          flush=True)
     return state, sums, progress
 
 
@@ -163,7 +226,7 @@ def fit(cfg: Config, trainer: Trainer, out_dir: Path, framework: str = "jax",
         checkpoint_dir: Path | None = None, resume: bool = False, restart: bool = False,
         resume_hint: str = "", extra: dict | None = None) -> dict:
     """Train every epoch, evaluate after each, keep metrics.jsonl / summary.json / checkpoints."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out_dir, "--out")
     ckpts = open_checkpoints(trainer, out_dir, checkpoint_dir, resume, restart)
     try:
         state, sums, progress = restore_or_init(cfg, trainer, ckpts, resume)

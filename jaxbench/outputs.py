@@ -1,7 +1,8 @@
 """A run's files: metrics.jsonl and summary.json per seed, and a seed group's summary.
 
 Every file is written to a temporary name and renamed, so a crash never leaves a torn file; in a
-multi-process run only process 0 writes.
+multi-process run only process 0 writes. A write that fails (a full disk, a refused permission)
+raises `OutputError` naming the file; the file keeps its previous complete version.
 """
 
 from __future__ import annotations
@@ -17,19 +18,101 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from jaxbench.config import Config
+from jaxbench.config import Config, ConfigError
 
 CURVE_KEYS = ("train_loss", "train_acc", "eval_loss", "eval_acc")
+# Exit code of a run stopped because writing its outputs or checkpoints failed mid-run (a full
+# disk, a permission taken away, an I/O error); 2 is for paths unusable from the start.
+EXIT_OUTPUT_FAILED = 4
+
+
+class OutputError(RuntimeError):
+    """Writing a run's file or checkpoint failed (ENOSPC, EACCES, EIO...): the CLI exits 4.
+
+    Everything written before stays whole: files are replaced atomically, checkpoints are
+    committed only once complete.
+    """
+
+    def __init__(self, path: Path | str, err: BaseException, what: str = "writing"):
+        self.path, self.err = Path(path), err
+        reason = describe(err)
+        super().__init__(f"{what} {path} failed: {reason}")
+
+
+class OutputPathError(ConfigError):
+    """An output folder (--out, --checkpoint-dir) that cannot be used: the CLI exits 2."""
+
+
+def describe(err: BaseException) -> str:
+    """An error in one line: the OS's words and errno name when there is one."""
+    import errno as errno_lib
+
+    code = getattr(err, "errno", None)
+    if isinstance(err, OSError) and code:
+        name = errno_lib.errorcode.get(code, str(code))
+        return f"{os.strerror(code)} ({name})"
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return f"{type(err).__name__}: {first[:300]}"
+
+
+def ensure_dir(path: Path, flag: str) -> Path:
+    """Create `path` (and its parents) and check a file can be written in it; else exit-2 error.
+
+    `flag` is the option the path came from (`--out`, `--checkpoint-dir`), named in the message.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputPathError(f"{flag}: {path} is a file, not a folder; pass a folder (it is "
+                              "created when missing).")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise OutputPathError(f"{flag}: cannot create {path}: {parent} is a file, not a "
+                                  "folder; pass another path.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".jaxbench-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise OutputPathError(f"{flag}: cannot create or write the folder {path} "
+                              f"({describe(err)}); pass a writable path.") from None
+    return path
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary name, then rename: a crash never leaves a truncated file."""
+    """Write to a temporary name, then rename: a crash never leaves a truncated file.
+
+    On failure (a full disk...) the temporary file is removed, `path` keeps its previous
+    version, and `OutputError` names the file.
+    """
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise OutputError(path, err) from err
+    _sync_dir(path.parent)
+
+
+def _sync_dir(folder: Path) -> None:
+    """Make a rename durable (best effort: not every filesystem lets a folder be fsynced)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -130,7 +213,10 @@ class Outputs:
             self.summaries[i].update(summarize_history(histories[i]), **(finals[i] if finals else {}))
             if self.primary:
                 folder = seed_dir(self.dir, seed, self.grouped)
-                folder.mkdir(parents=True, exist_ok=True)
+                try:
+                    folder.mkdir(parents=True, exist_ok=True)
+                except OSError as err:
+                    raise OutputError(folder, err, "creating") from err
                 write_atomic(folder / "metrics.jsonl",
                              "".join(json.dumps(r) + "\n" for r in histories[i]))
                 write_json(folder / "summary.json", self.summaries[i])

@@ -112,6 +112,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}; stopped. The last good checkpoint is intact; lower the learning "
               "rate or check the data before resuming.", file=sys.stderr)
         return loop.EXIT_DIVERGED
+    except outputs.OutputError as err:  # mid-run: a full disk, a permission taken away, EIO
+        print(f"error: {err}. The files written before are whole (metrics.jsonl and "
+              "summary.json as of the last finished epoch, the committed checkpoints); free "
+              f"space or fix the permissions, then resume with: {resume_command(argv)}",
+              file=sys.stderr)
+        return outputs.EXIT_OUTPUT_FAILED
     return 0
 
 
