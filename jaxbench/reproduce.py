@@ -615,19 +615,19 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 def provenance_notes(prov: dict) -> list[str]:
     """What a reader of the report must know: a suite run over several commits, or dirty."""
-    sessions = prov.get("sessions", [])
-    commits = list(dict.fromkeys(s.get("commit") for s in sessions if s.get("commit")))
+    invocations = prov.get("invocations", [])
+    commits = list(dict.fromkeys(s.get("commit") for s in invocations if s.get("commit")))
     notes = []
     if len(commits) > 1:
-        notes.append("this suite ran in several sessions at different commits ("
+        notes.append("this suite ran in several invocations at different commits ("
                      + ", ".join(c[:7] for c in commits) + "); see provenance.json")
-    if any(s.get("dirty") for s in sessions):
-        notes.append("at least one session ran from a checkout with uncommitted changes "
+    if any(s.get("dirty") for s in invocations):
+        notes.append("at least one invocation ran from a checkout with uncommitted changes "
                      "(provenance.json: dirty)")
-    devices = list(dict.fromkeys(json.dumps(s["device"], sort_keys=True) for s in sessions
+    devices = list(dict.fromkeys(json.dumps(s["device"], sort_keys=True) for s in invocations
                                  if s.get("device")))
     if len(devices) > 1:
-        notes.append("this suite's sessions ran on different devices; see provenance.json")
+        notes.append("this suite's invocations ran on different devices; see provenance.json")
     return notes
 
 
@@ -928,28 +928,28 @@ def _main(argv: Sequence[str] | None) -> int:
 
     # The runs.
     git = git_state()
-    session = {"started": started, "ended": None, "status": "running", "command": command,
+    invocation = {"started": started, "ended": None, "status": "running", "command": command,
                "cwd": os.getcwd(), **git, "device": (probe_result or {}).get("device"),
                "versions": (probe_result or {}).get("versions"), "runs": []}
     if not prov:
         prov = {"kind": "jaxbench.reproduce", "suite": str(suite.path), "experiments":
                 [names[e] for e in chosen], "seeds": seeds, "epochs": args.epochs,
                 "command": command, **git, "date": started[:10], "started": started,
-                "finished": None, "status": "running", "device": session["device"],
-                "versions": session["versions"], "grouping": {}, "sessions": []}
+                "finished": None, "status": "running", "device": invocation["device"],
+                "versions": invocation["versions"], "grouping": {}, "invocations": []}
     prov["experiments"] = list(dict.fromkeys(prov.get("experiments", []) + [names[e] for e in chosen]))
     prov["grouping"] = {**prov.get("grouping", {}), **grouping}
-    prov.setdefault("sessions", []).append(session)
-    prov["device"] = prov.get("device") or session["device"]
-    prov["versions"] = prov.get("versions") or session["versions"]
+    prov.setdefault("invocations", []).append(invocation)
+    prov["device"] = prov.get("device") or invocation["device"]
+    prov["versions"] = prov.get("versions") or invocation["versions"]
 
     def save(status: str) -> None:
-        session["status"], session["ended"] = status, (now() if status != "running" else None)
+        invocation["status"], invocation["ended"] = status, (now() if status != "running" else None)
         if status != "running":
-            session["seconds"] = round(time.monotonic() - t0, 1)
+            invocation["seconds"] = round(time.monotonic() - t0, 1)
         complete = all(seed_state(out, cfgs[e], s).finished for e in whole for s in seeds)
         prov["status"] = ("complete" if complete else "partial") if status == "done" else status
-        prov["finished"] = session["ended"] if prov["status"] == "complete" else None
+        prov["finished"] = invocation["ended"] if prov["status"] == "complete" else None
         notes = provenance_notes(prov)
         if notes:
             prov["notes"] = notes
@@ -957,7 +957,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
     save("running")
     try:
-        exit_code = run_jobs(jobs, out, args, specs, seeds, children, session, save, command)
+        exit_code = run_jobs(jobs, out, args, specs, seeds, children, invocation, save, command)
     except KeyboardInterrupt:  # Ctrl-C between two runs (during one, the run takes it)
         exit_code = EXIT_INTERRUPTED
         print(f"\ninterrupted between runs. Rerun the same command to continue:\n  {command}",
@@ -972,13 +972,13 @@ def _main(argv: Sequence[str] | None) -> int:
                 except OSError:
                     pass
     print(f"\njaxbench.reproduce: {prov['status']} in {fmt_s(time.monotonic() - t0)} "
-          f"({len(session['runs'])} run(s) this session). Report: {out / 'README.md'}; "
+          f"({len(invocation['runs'])} run(s) this invocation). Report: {out / 'README.md'}; "
           f"provenance: {out / 'provenance.json'}", flush=True)
     return exit_code
 
 
 def run_jobs(jobs: list[Job], out: Path, args, specs: dict, seeds: list[int], children: Children,
-             session: dict, save, command: str) -> int:
+             invocation: dict, save, command: str) -> int:
     """Each job in a subprocess; the report after each finished experiment and at the end."""
     diverged, report_stale = [], False
     for i, job in enumerate(jobs, 1):
@@ -988,7 +988,7 @@ def run_jobs(jobs: list[Job], out: Path, args, specs: dict, seeds: list[int], ch
               flush=True)
         t1 = time.monotonic()
         code = children.run(python_c("child_run") + run_args, env)
-        session["runs"].append({"experiment": job.name, "seeds": list(job.seeds), "mode": job.mode,
+        invocation["runs"].append({"experiment": job.name, "seeds": list(job.seeds), "mode": job.mode,
                                 "resumed": job.resume, "exit": code,
                                 "seconds": round(time.monotonic() - t1, 1)})
         experiment_done = False

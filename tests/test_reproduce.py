@@ -197,7 +197,7 @@ def test_a_killed_suite_reruns_to_the_numbers_of_an_uninterrupted_one(fixture_su
     assert not (out / "checkpoints").exists()  # deleted once every run finished
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["status"] == "complete" and prov["finished"] and prov["started"]
-    assert [s["status"] for s in prov["sessions"]] == ["running", "done"]  # the killed one, then
+    assert [s["status"] for s in prov["invocations"]] == ["running", "done"]  # the killed one, then
     assert prov["commit"] and isinstance(prov["dirty"], bool) and prov["versions"]["jax"]
     assert prov["device"]["platform"] == "cpu" and "--fmnist-arrays" in prov["command"]
     assert prov["grouping"]["fmnist_baseline"]["mode"] == "sequential"
