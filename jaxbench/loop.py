@@ -123,11 +123,12 @@ def open_checkpoints(trainer: Trainer, out_dir: Path, checkpoint_dir: Path | Non
             raise ConfigError("--resume: checkpoints exist for the JAX path only, not for the "
                               "PyTorch twin.")
         return None
+    from jaxbench import distributed
     from jaxbench.checkpoint import DAMAGED, Checkpoints
 
     path = Path(checkpoint_dir or out_dir / "checkpoints")
     ensure_dir(path, "--checkpoint-dir" if checkpoint_dir else "--out")
-    if restart:
+    if restart and distributed.is_process0():  # several processes share it: process 0 clears
         for child in sorted(path.iterdir()):
             if child.name == DAMAGED:
                 print(f"--restart: kept the damaged checkpoints in {child}", file=sys.stderr,
@@ -136,6 +137,8 @@ def open_checkpoints(trainer: Trainer, out_dir: Path, checkpoint_dir: Path | Non
                 shutil.rmtree(child)
             else:
                 child.unlink()
+    if restart:
+        distributed.barrier("restart")  # the others start once it is cleared
     return Checkpoints(path)
 
 
@@ -254,7 +257,8 @@ def fit(cfg: Config, trainer: Trainer, out_dir: Path, framework: str = "jax",
         name = f"{cfg.name} seed {seed}" if trainer.grouped else cfg.name
         print(f"[{name}] done: {cfg.eval_split} acc {s['final_eval_acc']:.4f} (best "
               f"{s['best_eval_acc']:.4f} at epoch {s['best_epoch']})", flush=True)
-    print(f"[{cfg.name}] wrote metrics.jsonl and summary.json under {out_dir}", flush=True)
+    if outputs.primary:  # in a multi-process run, process 0 alone writes them
+        print(f"[{cfg.name}] wrote metrics.jsonl and summary.json under {out_dir}", flush=True)
     return outputs.summary
 
 

@@ -75,24 +75,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.seeds is not None and args.seed is not None:
         return fail("--seed and --seeds contradict each other; pass one (--seeds 0,1,2).")
     if args.distributed:
-        import jax
+        from jaxbench import distributed
 
+        if (args.process_id is not None and args.num_processes is not None
+                and args.process_id >= args.num_processes):
+            return fail(f"--process-id {args.process_id} is not below --num-processes "
+                        f"{args.num_processes}; processes are numbered from 0.")
         # Without arguments JAX detects the cluster (SLURM, Kubernetes, TPU pods) by itself.
-        jax.distributed.initialize(coordinator_address=args.coordinator,
-                                   num_processes=args.num_processes, process_id=args.process_id)
+        try:
+            distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        except (RuntimeError, ValueError) as err:  # no coordinator, a cluster not detected, ...
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:400]
+            return fail(f"--distributed: jax.distributed.initialize failed ({first}). Pass "
+                        "--coordinator HOST:PORT --num-processes N --process-id I, or start the "
+                        "processes on one machine with python -m jaxbench.launch --nproc N -- ...")
     cache = enable_compile_cache()
-    from jaxbench import data, loop, outputs
+    from jaxbench import data, distributed, loop, outputs
 
     try:
         cfg = resolve(args)
         if args.seeds is not None:
             cfg = cfg.replace(seed=args.seeds[0])  # the group's config names its first seed
-        train, test = data.load(cfg, args.data_dir, args.manual_dir, args.arrays)
+        # Several processes: process 0 prepares the data first (a tfds folder they may share).
+        train, test = distributed.process0_first(
+            lambda: data.load(cfg, args.data_dir, args.manual_dir, args.arrays), "loading the data")
         out = Path(args.out) / run_name(cfg.name, args.framework, args.torch_compile)
         fit = functools.partial(loop.fit, framework=args.framework,
                                 checkpoint_dir=args.checkpoint_dir, resume=args.resume,
                                 restart=args.restart, resume_hint=resume_command(argv),
-                                extra={"compile_cache": bool(cache)})
+                                extra={"compile_cache": bool(cache), **(
+                                    {"parallel": distributed.record(cfg.batch_size)}
+                                    if args.framework == "jax" else {})})
         if args.framework == "torch" and args.seeds is not None:
             for seed in args.seeds:  # no vmap for the twin: one seed after another
                 seed_cfg = cfg.replace(seed=seed)
@@ -103,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             trainer = make_trainer(args.framework, cfg, train, test, args.torch_compile, args.seeds)
             del train, test  # the trainer holds what it needs; let the host copy go
             fit(cfg, trainer, out)
-    except (ConfigError, data.DataError) as err:
+    except (ConfigError, data.DataError, distributed.ProcessZeroFailed) as err:
         return fail(str(err))
     except loop.Interrupted as err:
         print(str(err), file=sys.stderr)

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxbench import data, models, perf
+from jaxbench import data, distributed, models, perf
 from jaxbench.config import Config, ConfigError
 from jaxbench.loop import Diverged
 from jaxbench.train import (Metrics, TrainState, chunks, create_state, fetch, make_optimizer,
@@ -65,8 +65,9 @@ class Trainer:
         self.programs = make_steps(self.mean, self.std, cfg.image_size, group=self.grouped)
         self.train_fn = self.eval_fn = None  # compiled by `compile`
         self.compile_time_s = 0.0
-        self.use(perf.resolve(cfg.perf, jax.default_backend(), cfg.model, cfg.num_classes,
-                              cfg.batch_size // len(devices), cfg.image_size, perf_record))
+        self.use(distributed.agree_perf(perf.resolve(
+            cfg.perf, jax.default_backend(), cfg.model, cfg.num_classes,
+            cfg.batch_size // len(devices), cfg.image_size, perf_record)))
 
     def use(self, resolved: perf.Resolved) -> None:
         """Take these speed settings: the model's stem, steps per call, the compile options."""
@@ -96,7 +97,12 @@ class Trainer:
         states = [create_state(self.cfg.replace(seed=s), self.steps_per_epoch, self.model, self.tx)
                   for s in self.seeds]
         state = jax.tree.map(lambda *xs: np.stack(xs), *states) if self.grouped else states[0]
-        return jax.device_put(state, self.replicated)
+        return self._replicate(state)
+
+    def _replicate(self, tree: Any) -> Any:
+        """`tree` on every device of the mesh. Put from host values: with several processes,
+        jax 0.10.2's device_put of a jax.Array builds arrays whose shards orbax cannot read."""
+        return jax.device_put(jax.tree.map(np.asarray, tree), self.replicated)
 
     def shard(self, a: np.ndarray) -> jax.Array:
         """A global (..., steps, batch) array sharded along the batch; each process gives its part."""
@@ -112,7 +118,7 @@ class Trainer:
         return jax.tree.map(lambda x: np.broadcast_to(x, (len(self.seeds), *np.shape(x))), tree)
 
     def zero_sums(self) -> Metrics:
-        return jax.device_put(self._stacked(zero_metrics(training=True)), self.replicated)
+        return self._replicate(self._stacked(zero_metrics(training=True)))
 
     def summarize(self, sums: Metrics) -> list[dict]:
         """Per seed: mean loss, accuracy and count of an epoch's sums."""
@@ -183,7 +189,7 @@ class Trainer:
                 raise Diverged(epoch, int(step), seed if self.grouped else None)
 
     def eval_zero(self) -> Metrics:
-        return jax.device_put(self._stacked(zero_metrics()), self.replicated)
+        return self._replicate(self._stacked(zero_metrics()))
 
     def evaluate(self, state: TrainState) -> list[dict]:
         metrics = self.eval_zero()
