@@ -187,7 +187,7 @@ class Launcher:
 
 
 def _signal(proc: subprocess.Popen, sig: int) -> None:
-    """Signal the process's whole group (it leads a session of its own), so helpers go too."""
+    """Signal the process's whole group (started with start_new_session, it leads its own process group), so helpers go too."""
     try:
         os.killpg(proc.pid, sig)
     except ProcessLookupError:
