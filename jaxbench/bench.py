@@ -32,11 +32,13 @@ from jaxbench.config import ConfigError
 
 VARIANTS = {"jax": ("jax", "none"), "jax-xla-default": ("jax", "none"),
             "jax-step-only": ("jax", "none"), "jax-seeds3": ("jax", "none"),
+            "jax-seeds3-vmap": ("jax", "none"),
             "torch-eager": ("torch", "none"),
             "torch-compile": ("torch", "default"), "torch-reduce-overhead": ("torch", "reduce-overhead")}
 
 
-GROUP = (0, 1, 2)  # the seeds of the jax-seeds3 variant
+GROUP = (0, 1, 2)  # the seeds of the jax-seeds3 variants
+GROUPED = ("jax-seeds3", "jax-seeds3-vmap")
 
 
 def variants(cuda: bool, only: Sequence[str] | None = None) -> list[tuple[str, str, str]]:
@@ -45,9 +47,10 @@ def variants(cuda: bool, only: Sequence[str] | None = None) -> list[tuple[str, s
     reduce-overhead (CUDA graphs) exists for CUDA only. jax-xla-default (the same JAX program
     compiled with XLA's default options, `perf.xla_cpu = "default"`: the before/after of the
     run's compile choice in one run) exists only where JAX runs on CPU. jax-step-only (`StepOnly`) measures the input side. JAX
-    always runs: ratios are against it. jax-seeds3 trains seeds 0, 1, 2 as one vmapped program
-    (`--seeds`); its times are per seed (the group's time / 3), and `group_over_one` is the
-    group's epoch over one seed's.
+    always runs: ratios are against it. jax-seeds3 trains seeds 0, 1, 2 as one program
+    (`--seeds`, the run's `perf.seed_group`), jax-seeds3-vmap the same group vmapped; their
+    times are per seed (the group's time / 3), and `group_over_one` is the group's epoch over
+    one seed's.
     """
     import jax
 
@@ -169,8 +172,9 @@ def bench_experiment(cfg, train, test, repeats: int, epochs_per_repeat: int, cud
                      only: Sequence[str] | None = None, log=print) -> dict:
     trainers, states, warm = {}, {}, {}
     for label, framework, mode in variants(cuda, only):
-        variant_cfg = cfg.replace(xla_cpu="default") if label == "jax-xla-default" else cfg
-        seeds = GROUP if label == "jax-seeds3" else None
+        variant_cfg = (cfg.replace(xla_cpu="default") if label == "jax-xla-default" else
+                       cfg.replace(seed_group="vmap") if label == "jax-seeds3-vmap" else cfg)
+        seeds = GROUP if label in GROUPED else None
         trainer = cli.make_trainer(framework, variant_cfg, train, test, mode, seeds)
         if label == "jax-step-only":
             trainer = StepOnly(trainer)
@@ -196,12 +200,12 @@ def bench_experiment(cfg, train, test, repeats: int, epochs_per_repeat: int, cud
     images = next(iter(trainers.values())).steps_per_epoch * cfg.batch_size
     rows = {}
     for label, ts in times.items():
-        median = statistics.median(ts) / (len(GROUP) if label == "jax-seeds3" else 1)
+        median = statistics.median(ts) / (len(GROUP) if label in GROUPED else 1)
         rows[label] = {**warm[label], "times_s": ts, "median_s": median,
                        "per_1000_images_s": median / images * 1000, "images_per_s": images / median}
-    if "jax-seeds3" in rows:
-        rows["jax-seeds3"]["group_over_one"] = (len(GROUP) * rows["jax-seeds3"]["median_s"]
-                                                / rows["jax"]["median_s"])
+    for label in set(GROUPED) & set(rows):
+        rows[label]["group_over_one"] = len(GROUP) * rows[label]["median_s"] / rows["jax"]["median_s"]
+        rows[label]["seed_group"] = trainers[label].perf.seed_group
     for label, row in rows.items():
         row["jax_over_this"] = rows["jax"]["median_s"] / row["median_s"]
     gflop = step_gflop(trainers["jax"])
@@ -243,12 +247,13 @@ def markdown(result: dict) -> str:
     lines += ["", "JAX compile per experiment: " + "; ".join(
         f"{exp} `{res['jax_perf']['xla_cpu']}`" for exp, res in result["experiments"].items()
         if "jax_perf" in res) + "."]
-    groups = [(exp, res["variants"]["jax-seeds3"]["group_over_one"])
-              for exp, res in result["experiments"].items() if "jax-seeds3" in res["variants"]]
+    groups = [(exp, label, row) for exp, res in result["experiments"].items()
+              for label, row in res["variants"].items() if "group_over_one" in row]
     if groups:
-        lines += ["", "`jax-seeds3` (seeds 0, 1, 2 as one vmapped program; its row is per seed): "
-                  "the group's epoch over one seed's: " + "; ".join(
-                      f"{exp} {ratio:.2f}x" for exp, ratio in groups) + "."]
+        lines += ["", "Seed groups (seeds 0, 1, 2 as one program; their rows are per seed): the "
+                  "group's epoch over one seed's (3.00x = as slow as the seeds one after another): "
+                  + "; ".join(f"{exp} `{label}` ({row.get('seed_group', 'vmap')}) "
+                              f"{row['group_over_one']:.2f}x" for exp, label, row in groups) + "."]
     flops = [(exp, res) for exp, res in result["experiments"].items() if "jax_gflops" in res]
     if flops:
         peak = result["matmul_peak_gflops"]

@@ -82,6 +82,9 @@ def add_perf_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--xla-cpu", choices=perf.XLA_CPU,
                    help="XLA:CPU compile options (auto: ynn-reduce where it agrees with XLA's "
                    "default compile in a float32 self-check)")
+    g.add_argument("--seed-group", choices=perf.SEED_GROUPS,
+                   help="how --seeds runs its seeds in one program: vmap (batched kernels) or "
+                   "unroll (each seed's own step, one after another; auto: unroll on CPU)")
 
 
 def resolve(args: argparse.Namespace) -> config_lib.Config:
@@ -89,7 +92,8 @@ def resolve(args: argparse.Namespace) -> config_lib.Config:
     return cfg.replace(epochs=getattr(args, "epochs", None), batch_size=args.batch_size,
                        seed=args.seed, train_limit=args.train_limit, eval_limit=args.eval_limit,
                        dtype=args.dtype, steps_per_call=args.steps_per_call,
-                       stem_conv=args.stem_conv, xla_cpu=args.xla_cpu)
+                       stem_conv=args.stem_conv, xla_cpu=args.xla_cpu,
+                       seed_group=args.seed_group)
 
 
 def enable_compile_cache() -> str | None:

@@ -60,7 +60,7 @@ class Config:
     def replace(self, **changes) -> "Config":
         """Apply CLI overrides; `None` means 'keep the experiment's value'.
 
-        Keys of `Perf` (dtype, steps_per_call, stem_conv, xla_cpu) go into the perf table.
+        Keys of `Perf` (dtype, steps_per_call, stem_conv, xla_cpu, seed_group) go into [perf].
         """
         changes = {k: v for k, v in changes.items() if v is not None}
         perf_keys = {f.name for f in dataclasses.fields(Perf)}
@@ -237,6 +237,7 @@ PERF_KEYS: dict[str, tuple[Any, Callable[[Any, dict], bool]]] = {
     "steps_per_call": ("an integer >= 0 (0: auto)", lambda v, _: is_int(v) and v >= 0),
     "stem_conv": one_of(perf_lib.STEM_CONVS),
     "xla_cpu": one_of(perf_lib.XLA_CPU),
+    "seed_group": one_of(perf_lib.SEED_GROUPS),
 }
 
 

@@ -26,6 +26,10 @@ import numpy as np
 
 DTYPES = ("float32", "bfloat16")  # compute dtype; parameters and optimizer state stay float32
 STEM_CONVS = ("auto", "xla", "taps")
+# How a seed group (`--seeds`) runs its seeds inside one jitted call: `vmap` batches them (every
+# kernel does all seeds' work), `unroll` traces the single-seed step once per seed, one after
+# another in the same program (each seed computes exactly what it computes alone).
+SEED_GROUPS = ("auto", "vmap", "unroll")
 # Option sets for XLA:CPU's compile (`lowered.compile(compiler_options=...)`). YNNPACK is the
 # library XLA:CPU hands convolutions, dots and reductions to by default.
 XLA_CPU_OPTIONS: dict[str, dict[str, str]] = {
@@ -49,11 +53,13 @@ class Perf:
     steps_per_call: int = 0  # train steps fused into one jitted call; 0: auto (1 on CPU, 50 else)
     stem_conv: str = "auto"  # BaselineCNN's first convolution: XLA's, or `models.tap_conv`
     xla_cpu: str = "auto"  # XLA:CPU compile options (a name in XLA_CPU_OPTIONS); ignored off CPU
+    seed_group: str = "auto"  # a seed group's program: a name in SEED_GROUPS
 
     def check(self) -> list[str]:
         """Problems as 'key: message' lines (empty when valid)."""
         bad = []
-        for key, allowed in (("dtype", DTYPES), ("stem_conv", STEM_CONVS), ("xla_cpu", XLA_CPU)):
+        for key, allowed in (("dtype", DTYPES), ("stem_conv", STEM_CONVS), ("xla_cpu", XLA_CPU),
+                             ("seed_group", SEED_GROUPS)):
             if getattr(self, key) not in allowed:
                 bad.append(f"perf.{key} must be one of {allowed}, got {getattr(self, key)!r}")
         steps = self.steps_per_call
@@ -72,6 +78,7 @@ class Resolved:
     xla_cpu: str
     reasons: dict[str, str]
     xla_cpu_check: dict | None = None  # the self-check's errors and timings, when one ran
+    seed_group: str = "vmap"  # runs recorded before this setting existed vmapped their groups
 
     @property
     def compiler_options(self) -> dict[str, str]:
@@ -82,7 +89,8 @@ class Resolved:
 
     def line(self) -> str:
         return (f"perf: dtype {self.dtype}, {self.steps_per_call} step(s) per call, stem conv "
-                f"{self.stem_conv}, XLA:CPU compile {self.xla_cpu} ({self.reasons['xla_cpu']})")
+                f"{self.stem_conv}, XLA:CPU compile {self.xla_cpu} ({self.reasons['xla_cpu']}), "
+                f"seed groups {self.seed_group}")
 
 
 def resolve(perf: Perf, backend: str, model: str, num_classes: int, batch_size: int,
@@ -115,7 +123,15 @@ def resolve(perf: Perf, backend: str, model: str, num_classes: int, batch_size: 
                               f"agree with XLA's default within {AGREEMENT:g}")
     else:
         reasons["xla_cpu"] = "set"
-    return Resolved(perf.dtype, steps, stem, xla_cpu, reasons, check)
+    group = perf.seed_group
+    if group == "auto":
+        group = "unroll" if cpu else "vmap"
+        reasons["seed_group"] = ("auto: XLA:CPU runs batched (vmapped) convolutions several times "
+                                 "slower per seed than one seed's" if cpu else
+                                 "auto: one seed's step leaves an accelerator mostly idle")
+    else:
+        reasons["seed_group"] = "set"
+    return Resolved(perf.dtype, steps, stem, xla_cpu, reasons, check, group)
 
 
 def compile_lowered(lowered: Any, options: dict[str, str]) -> tuple[Any, dict[str, str]]:

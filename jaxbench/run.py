@@ -34,6 +34,8 @@ def parser() -> argparse.ArgumentParser:
                    "vmapped program; the PyTorch twin one after another. Output: one folder per "
                    "seed plus a summary.json with mean and std")
     p.add_argument("--out", default="results/runs", help="output folder (default: results/runs)")
+    p.add_argument("--run-dir", help="write this run into exactly this folder instead of "
+                   "<out>/<exp> (the reproduce suite puts one seed's run into <exp>/seed<S>)")
     p.add_argument("--distributed", action="store_true",
                    help="multi-host: call jax.distributed.initialize() first (see README)")
     p.add_argument("--coordinator", help="with --distributed: host:port of process 0")
@@ -99,7 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Several processes: process 0 prepares the data first (a tfds folder they may share).
         train, test = distributed.process0_first(
             lambda: data.load(cfg, args.data_dir, args.manual_dir, args.arrays), "loading the data")
-        out = Path(args.out) / run_name(cfg.name, args.framework, args.torch_compile)
+        out = (Path(args.run_dir) if args.run_dir else
+               Path(args.out) / run_name(cfg.name, args.framework, args.torch_compile))
         fit = functools.partial(loop.fit, framework=args.framework,
                                 checkpoint_dir=args.checkpoint_dir, resume=args.resume,
                                 restart=args.restart, resume_hint=resume_command(argv),

@@ -117,8 +117,11 @@ class DenseNetBC(nn.Module):
         return self.head(self.features(x).mean(dim=(2, 3)))
 
 
-def build(name: str, num_classes: int) -> nn.Module:
-    model = {"baseline": BaselineCNN, "target": TargetCNN, "densenet": DenseNetBC}[name](num_classes)
+def build(name: str, num_classes: int, image_size: int = 64) -> nn.Module:
+    """The twin of `models.build(name, ...)`; `image_size` sizes BaselineCNN's flattened Dense input
+    (flax infers it from the first call; PyTorch's Linear must be told)."""
+    model = ({"target": TargetCNN, "densenet": DenseNetBC}[name](num_classes) if name != "baseline"
+             else BaselineCNN(num_classes, size=image_size))
     lecun_normal_(model)
     return model
 
@@ -181,7 +184,7 @@ class Trainer:
 
     def init_state(self) -> State:
         torch.manual_seed(self.cfg.seed)
-        model = build(self.cfg.model, self.cfg.num_classes).to(self.device)
+        model = build(self.cfg.model, self.cfg.num_classes, self.cfg.image_size).to(self.device)
         if self.cfg.optimizer == "adam":
             opt = torch.optim.Adam(model.parameters(), lr=self.cfg.learning_rate)
         else:

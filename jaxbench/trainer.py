@@ -29,7 +29,7 @@ class Trainer:
 
     `seeds` (`--seeds`) trains a seed group as one program: every leaf of the state gets a
     leading seed axis, each seed initialized and shuffled exactly as `--seed S` would be, and the
-    steps are vmapped over that axis. The seed axis is independent of the mesh: batches are
+    steps run over that axis, vmapped or unrolled (`perf.seed_group`). The seed axis is independent of the mesh: batches are
     sharded over devices along their batch axis as for one seed.
     `perf_record` (a resumed run's `Resolved.to_dict()`) reuses that run's speed decisions, so
     a resume compiles exactly the program the interrupted run used.
@@ -62,7 +62,6 @@ class Trainer:
         self.images = {"train": (put(train.images), put(train.labels)),
                        "eval": (put(test.images), put(test.labels))}
         self.eval_idx, self.eval_mask = data.eval_order(self.eval_size, cfg.batch_size)
-        self.programs = make_steps(self.mean, self.std, cfg.image_size, group=self.grouped)
         self.train_fn = self.eval_fn = None  # compiled by `compile`
         self.compile_time_s = 0.0
         self.use(distributed.agree_perf(perf.resolve(
@@ -72,6 +71,8 @@ class Trainer:
     def use(self, resolved: perf.Resolved) -> None:
         """Take these speed settings: the model's stem, steps per call, the compile options."""
         self.perf = resolved
+        self.programs = make_steps(self.mean, self.std, self.cfg.image_size,
+                                   group=resolved.seed_group if self.grouped else None)
         self.model = models.build(self.cfg.model, self.cfg.num_classes, resolved.dtype,
                                   resolved.stem_conv)
         self.steps_per_call = max(1, min(resolved.steps_per_call, self.steps_per_epoch))

@@ -14,6 +14,24 @@ FMNIST_FILES = SHARED / "fashion-mnist"
 TINY_FILES = SHARED / "tiny-imagenet-200"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compile_cache(tmp_path_factory):
+    """One XLA compilation cache for the test run, in-process and in every `jaxbench.run`
+    subprocess: the many tests that compile the same small programs compile each once. Fresh per
+    test run (not ~/.cache), so a run's timing and results never depend on an earlier one."""
+    path = str(tmp_path_factory.mktemp("xla-cache"))
+    old = os.environ.get("JAXBENCH_COMPILE_CACHE")
+    os.environ["JAXBENCH_COMPILE_CACHE"] = path
+    from jaxbench import cli
+
+    cli.enable_compile_cache()
+    yield path
+    if old is None:
+        os.environ.pop("JAXBENCH_COMPILE_CACHE", None)
+    else:
+        os.environ["JAXBENCH_COMPILE_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def fmnist_tfds_dir(tmp_path_factory) -> Path:
     """A tfds data_dir with the real Fashion-MNIST prepared offline from ../shared/data."""

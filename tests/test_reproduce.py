@@ -11,6 +11,9 @@ import time
 import pytest
 
 from jaxbench import config, data, reproduce, run
+from jaxbench.children import LOCK
+from jaxbench.plan import new_jobs, plan_experiment
+from jaxbench.suite import SuiteError, checkpoint_dir, has_checkpoint, load_suite, seed_folder
 from conftest import REPO, synthetic_split
 
 KEYS = ("epoch", "train_loss", "train_acc", "eval_loss", "eval_acc", "lr")
@@ -51,7 +54,7 @@ def test_a_suite_is_not_an_experiment():
     assert (config.experiments_dir() / "suites" / "paper.toml").is_file()
     listed = [line.split()[0] for line in run.list_experiments().splitlines()]
     assert "paper" not in config.available() and "paper" not in listed and "suites" not in listed
-    suite = reproduce.load_suite("paper")
+    suite = load_suite("paper")
     assert suite.experiments == ("fmnist_baseline", "tiny_baseline", "fmnist_target", "tiny_target")
     assert suite.seeds == (0, 1, 2) and suite.optional == {"densenet": ("fmnist_densenet", "tiny_densenet")}
 
@@ -115,20 +118,20 @@ def test_an_unfinished_group_resumes_as_the_group_it_was(tmp_path):
     group, even when one of its seeds already wrote its last epoch; other seeds start anew."""
     cfg = config.load("fmnist_baseline").replace(epochs=3)
     for seed, done in ((0, 3), (1, 2), (3, 3)):
-        folder = reproduce.seed_folder(tmp_path, cfg.name, seed)
+        folder = seed_folder(tmp_path, cfg.name, seed)
         folder.mkdir(parents=True)
         summary = {"config": cfg.replace(seed=seed).to_dict(), "epochs_completed": done}
         (folder / "summary.json").write_text(json.dumps(summary | ({"params_sha256": "x"} if done == 3 else {})))
-    (reproduce.checkpoint_dir(tmp_path, cfg.name, (0, 1), "group") / "12").mkdir(parents=True)
-    (reproduce.checkpoint_dir(tmp_path, cfg.name, (3,), "single") / "9").mkdir(parents=True)
-    jobs, todo, states = reproduce.plan_experiment(tmp_path, "fmnist_baseline", cfg, [0, 1, 2, 3])
+    (checkpoint_dir(tmp_path, cfg.name, (0, 1), "group") / "12").mkdir(parents=True)
+    (checkpoint_dir(tmp_path, cfg.name, (3,), "single") / "9").mkdir(parents=True)
+    jobs, todo, states = plan_experiment(tmp_path, "fmnist_baseline", cfg, [0, 1, 2, 3])
     assert [(j.seeds, j.mode, j.resume, j.epochs_done) for j in jobs] == [((0, 1), "group", True, 2)]
     assert todo == [2] and [s.finished for s in states] == [True, False, False, True]
-    new = reproduce.new_jobs("fmnist_baseline", cfg, todo, "group", tmp_path, {s.seed: s for s in states})
+    new = new_jobs("fmnist_baseline", cfg, todo, "group", tmp_path, {s.seed: s for s in states})
     assert [(j.seeds, j.mode, j.resume) for j in new] == [((2,), "single", False)]
     # Another protocol in the same folder is refused before anything runs.
-    with pytest.raises(reproduce.SuiteError, match="epochs 3 there, 4 here"):
-        reproduce.plan_experiment(tmp_path, "fmnist_baseline", cfg.replace(epochs=4), [0])
+    with pytest.raises(SuiteError, match="epochs 3 there, 4 here"):
+        plan_experiment(tmp_path, "fmnist_baseline", cfg.replace(epochs=4), [0])
 
 
 def wait_for(proc, pattern, seen, start=0, timeout=300):
@@ -148,7 +151,7 @@ def lock_released(out, timeout=30.0) -> bool:
     import fcntl
 
     deadline = time.time() + timeout
-    with open(out / reproduce.LOCK) as f:
+    with open(out / LOCK) as f:
         while time.time() < deadline:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -180,8 +183,8 @@ def test_a_killed_suite_reruns_to_the_numbers_of_an_uninterrupted_one(fixture_su
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert lock_released(out), "a run of the killed suite outlived it"
-    ckpt = reproduce.checkpoint_dir(out, "fmnist_baseline", (1,), "single")
-    assert reproduce.has_checkpoint(ckpt)
+    ckpt = checkpoint_dir(out, "fmnist_baseline", (1,), "single")
+    assert has_checkpoint(ckpt)
 
     res = subprocess.run(cli(*suite_args(fixture_suite, out, "--no-estimate")), cwd=REPO,
                          capture_output=True, text=True)

@@ -1,5 +1,6 @@
-"""`--seeds`: a seed group trains as one vmapped program, each seed as `--seed S` alone would."""
+"""`--seeds`: a seed group trains as one program, each seed as `--seed S` alone would."""
 
+import functools
 import json
 
 import jax
@@ -40,12 +41,36 @@ def flat(tree) -> np.ndarray:
     return np.concatenate([np.zeros(0)] + [x.ravel() for x in leaves(tree)])
 
 
-@pytest.mark.parametrize("exp, n_train, batch, loss_rtol", [("fmnist_baseline", 192, 32, 1e-5),
-                                                            ("fmnist_target", 24, 8, 1e-4)])
-def test_each_seed_of_a_group_trains_like_its_single_seed_run(exp, n_train, batch, loss_rtol):
+def equivalence_config(exp: str, batch: int) -> config.Config:
+    return config.load(exp).replace(epochs=2, batch_size=batch, optimizer="sgd", learning_rate=0.01)
+
+
+@functools.lru_cache(maxsize=None)
+def single_run(exp: str, n_train: int, batch: int, seed: int):
+    """`--seed S` alone: per-epoch losses, final parameters and BatchNorm statistics (computed once
+    and shared by the vmap and unroll cases)."""
+    cfg = equivalence_config(exp, batch).replace(seed=seed)
+    state, curves = train(Trainer(cfg, noise_split(n_train, 0), noise_split(16, 1)), 2)
+    return curves, flat(state.params), flat(state.batch_stats)
+
+
+@pytest.mark.parametrize("exp, n_train, batch, seed_group, loss_rtol, params_rtol", [
+    ("fmnist_baseline", 192, 32, "vmap", 1e-5, 1e-4),
+    ("fmnist_target", 24, 8, "vmap", 1e-4, 1e-4),
+    ("fmnist_baseline", 192, 32, "unroll", 1e-6, 1e-6),
+    ("fmnist_target", 24, 8, "unroll", 1e-6, 1e-6),
+])
+def test_each_seed_of_a_group_trains_like_its_single_seed_run(exp, n_train, batch, seed_group,
+                                                              loss_rtol, params_rtol):
     """Same start (bit for bit), same data order, same trajectory within float32 tolerance.
 
-    Not bit-identical in general: vmap makes each convolution one batched convolution, and the
+    `unroll` (the CPU default) traces the single-seed step once per seed: the same operations on
+    the same numbers. On an AMD EPYC its losses and parameters were bit-identical to the single
+    runs and TargetCNN's BatchNorm statistics 1-2 ulp off (XLA fuses the running-average update
+    differently in the larger program); the bounds (1e-6 relative) leave room for such fusion
+    choices on other CPUs and nothing more.
+
+    `vmap` is not bit-identical in general: it makes each convolution one batched convolution, and the
     compile may pick kernels that sum in another order (with XLA's default compile on an AMD
     EPYC the BaselineCNN group was bit-identical; with `ynn-reduce` / `ynn-off`, after 2 epochs,
     its losses differed by ~1e-7 relative and its parameters by ~1e-6 of their norm). Plain SGD
@@ -57,9 +82,10 @@ def test_each_seed_of_a_group_trains_like_its_single_seed_run(exp, n_train, batc
     statistics are compared as whole vectors: measured ~1e-6 relative, bound 1e-4. Losses:
     measured <= 2e-5 (TargetCNN, batch 8) and ~1e-7 (BaselineCNN), bounds 1e-4 and 1e-5.
     """
-    cfg = config.load(exp).replace(epochs=2, batch_size=batch, optimizer="sgd", learning_rate=0.01)
+    cfg = equivalence_config(exp, batch).replace(seed_group=seed_group)
     train_split, eval_split = noise_split(n_train, 0), noise_split(16, 1)
     group = Trainer(cfg, train_split, eval_split, seeds=(3, 5))
+    assert group.perf.seed_group == seed_group
     for i, seed in enumerate((3, 5)):  # initialized exactly as --seed S would be
         single = Trainer(cfg.replace(seed=seed), train_split, eval_split)
         for a, b in zip(leaves(single.init_state().params),
@@ -67,14 +93,13 @@ def test_each_seed_of_a_group_trains_like_its_single_seed_run(exp, n_train, batc
             np.testing.assert_array_equal(a, b)
     group_state, group_curves = train(group, 2)
     for i, seed in enumerate((3, 5)):
-        state, curves = train(Trainer(cfg.replace(seed=seed), train_split, eval_split), 2)
+        curves, params, stats = single_run(exp, n_train, batch, seed)
         for epoch in range(2):
             ours = [group_curves[epoch][i], group_curves[epoch][2 + i]]
             np.testing.assert_allclose(ours, curves[epoch], rtol=loss_rtol)
         member = group.member(group_state, i)
-        for a, b in ((flat(state.params), flat(member.params)),
-                     (flat(state.batch_stats), flat(member.batch_stats))):
-            assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(a), np.linalg.norm(a - b)
+        for a, b in ((params, flat(member.params)), (stats, flat(member.batch_stats))):
+            assert np.linalg.norm(a - b) <= params_rtol * np.linalg.norm(a), np.linalg.norm(a - b)
     # The two seeds really differ (different init and data order).
     assert group_curves[-1][0] != group_curves[-1][1]
 
