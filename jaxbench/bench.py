@@ -3,8 +3,8 @@
     python -m jaxbench.bench --exp fmnist_baseline --exp fmnist_target --steps 100 --repeats 3
 
 For every experiment the same arrays, the same batch order and the same preprocessing feed every
-variant: JAX (jit), PyTorch eager, `torch.compile` and, on CUDA, `torch.compile(mode=
-"reduce-overhead")`. Each variant is compiled and warmed up first (that time is reported apart),
+variant: JAX (jit), PyTorch eager, `torch.compile`, on CUDA `torch.compile(mode=
+"reduce-overhead")`, and `torch-best` (jaxbench/torch_best.py: what a PyTorch expert would tune). Each variant is compiled and warmed up first (that time is reported apart),
 then timed for R repeats, alternating the variants inside every repeat (in an order rotated from
 one repeat to the next) so that drift on the machine (thermal, other load) hits them alike; the
 median is reported. With `--steps N` a repeat is N train steps (reported per 1,000 images); with
@@ -34,7 +34,8 @@ VARIANTS = {"jax": ("jax", "none"), "jax-xla-default": ("jax", "none"),
             "jax-step-only": ("jax", "none"), "jax-seeds3": ("jax", "none"),
             "jax-seeds3-vmap": ("jax", "none"),
             "torch-eager": ("torch", "none"),
-            "torch-compile": ("torch", "default"), "torch-reduce-overhead": ("torch", "reduce-overhead")}
+            "torch-compile": ("torch", "default"), "torch-reduce-overhead": ("torch", "reduce-overhead"),
+            "torch-best": ("torch", "best")}
 
 
 GROUP = (0, 1, 2)  # the seeds of the jax-seeds3 variants

@@ -113,9 +113,13 @@ def enable_compile_cache() -> str | None:
     return path
 
 
+TORCH_COMPILE = ("none", "default", "reduce-overhead", "best")
+
+
 def make_trainer(framework: str, cfg: config_lib.Config, train, test,
                  torch_compile: str = "none", seeds: Sequence[int] | None = None):
-    """The JAX Trainer (one seed, or a vmapped seed group) or its PyTorch twin (one seed)."""
+    """The JAX Trainer (one seed, or a seed group) or its PyTorch twin (one seed): eager, under
+    torch.compile, or tuned as an expert would (`best`, jaxbench/torch_best.py)."""
     if framework == "jax":
         from jaxbench.trainer import Trainer
 
@@ -125,6 +129,10 @@ def make_trainer(framework: str, cfg: config_lib.Config, train, test,
     except ImportError:
         raise ConfigError("--framework torch needs PyTorch: pip install -e '.[torch]' "
                           "(on a CPU-only machine: pip install torch==2.13.0 first).") from None
+    if torch_compile == "best":
+        from jaxbench.torch_best import BestTrainer
+
+        return BestTrainer(cfg, train, test)
     mode = None if torch_compile == "none" else torch_compile
     return torch_twin.Trainer(cfg, train, test, compile_mode=mode)
 

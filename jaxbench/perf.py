@@ -165,7 +165,9 @@ def gradient_program(model: Any, batch_size: int, image_size: int, num_classes: 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch_size, image_size, image_size, 3)).astype(dtype)
     y = rng.integers(0, num_classes, batch_size)
-    variables = model.init(jax.random.key(0), x[:1].astype(np.float32), train=False)
+    from jaxbench.train import init_variables
+
+    variables = init_variables(model, jax.random.key(0), x[:1].astype(np.float32))
     variables = jax.tree.map(lambda a: np.asarray(a).astype(dtype), variables)
 
     def loss(params):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from jaxbench import config as config_lib
-from jaxbench.cli import (add_data_args, enable_compile_cache, fail, make_trainer,
+from jaxbench.cli import (TORCH_COMPILE, add_data_args, enable_compile_cache, fail, make_trainer,
                           non_negative_int, positive_int, resolve, seed_list)
 from jaxbench.config import ConfigError
 
@@ -26,8 +26,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=positive_int, help="override the experiment's epoch count")
     p.add_argument("--framework", choices=("jax", "torch"), default="jax",
                    help="train the Flax models (default) or their PyTorch twin on the same job")
-    p.add_argument("--torch-compile", choices=("none", "default", "reduce-overhead"), default="none",
-                   help="with --framework torch: run the model eagerly or under torch.compile")
+    p.add_argument("--torch-compile", choices=TORCH_COMPILE, default="none",
+                   help="with --framework torch: run the model eagerly, under torch.compile, or "
+                   "best: channels_last, fused optimizer, compiled step, TF32/cudnn.benchmark on "
+                   "CUDA (jaxbench/torch_best.py)")
     add_data_args(p)
     p.add_argument("--seeds", type=seed_list,
                    help="train several seeds: 0,1,2 (or 3 for 0,1,2). JAX trains them as one "

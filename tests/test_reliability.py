@@ -114,7 +114,7 @@ def test_sigkill_then_resume_is_bit_identical(arrays, reference, tmp_path):
 
 def test_a_killed_seed_group_resumes_bit_identically(arrays, tmp_path_factory, tmp_path):
     """--seeds 0,1 killed mid-run with SIGKILL, then resumed: every seed as if never stopped."""
-    group = ["--seeds", "0,1"]
+    group = ["--seeds", "0,1", "--train-limit", "640"]  # 20 steps per epoch: a group costs 2+ seeds
     ref = tmp_path_factory.mktemp("group-ref")
     done = subprocess.run(cli(*base_args(arrays, ref), *group), cwd=REPO, capture_output=True,
                           text=True)

@@ -40,14 +40,16 @@ def test_preprocessing_matches_jax(shape):
     np.testing.assert_allclose(twin, ours, atol=1e-4)
 
 
-@pytest.mark.parametrize("exp,dtype", [("fmnist_baseline", "float32"),
-                                       ("tiny_target", "float32"), ("tiny_target", "bfloat16")])
-def test_a_torch_train_step_lowers_the_loss(exp, dtype):
+@pytest.mark.parametrize("exp,dtype,mode", [("fmnist_baseline", "float32", "none"),
+                                            ("tiny_target", "float32", "none"),
+                                            ("tiny_target", "bfloat16", "none"),
+                                            ("fmnist_target", "float32", "best")])
+def test_a_torch_train_step_lowers_the_loss(exp, dtype, mode):
     # 32x32 inputs: PyTorch's bfloat16 convolutions on CPU are slow, and size changes nothing here.
     cfg = config.load(exp).replace(batch_size=16, dtype=dtype, image_size=32)
     shape = (28, 28, 1) if cfg.dataset == "fashion_mnist" else (64, 64, 3)
     split = synthetic_split(16, shape=shape, classes=cfg.num_classes)
-    trainer = torch_twin.Trainer(cfg, split, split)
+    trainer = cli.make_trainer("torch", cfg, split, split, mode)  # best: fused Adam, tensor lr
     state = trainer.init_state()
     idx = np.arange(16)
     losses = [trainer._train_step(state, idx)[0].item() / 16 for _ in range(6)]
@@ -109,3 +111,40 @@ def test_benchmark_on_a_small_limit_writes_json(tmp_path, mock_manual_dir):
     # The input side's share: the step alone on a resident batch is not slower than the epoch.
     share = result["experiments"]["fmnist_baseline"]["input_share"]
     assert -0.5 < share < 1 and "input side" in md
+
+
+@pytest.mark.parametrize("exp", ["fmnist_baseline", "fmnist_target"])
+def test_torch_best_computes_what_the_twin_computes(exp):
+    """`torch-best` changes how the step runs (channels_last, fused optimizer, compiled step,
+    device-side learning rate and indices), not what it computes: the same initial parameters bit
+    for bit, then the same trajectory within float32 tolerance. Plain SGD with a small rate keeps
+    rounding differences (fused vs foreach updates, compiled vs eager kernels) proportional; Adam's
+    first steps (~lr * sign(g)) would amplify them (see tests/test_seeds.py). Random images: the
+    toy splits' near-constant channels make BatchNorm divide by tiny variances, which amplifies
+    rounding too."""
+    from jaxbench.torch_best import BestTrainer
+
+    def noise(n, seed):
+        rng = np.random.default_rng(seed)
+        return data.Split(rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8),
+                          rng.integers(0, 10, n).astype(np.int32))
+
+    cfg = config.load(exp).replace(batch_size=16, image_size=32, epochs=2, optimizer="sgd",
+                                   learning_rate=0.01, schedule="cosine")
+    train_split, eval_split = noise(64, 0), noise(16, 1)
+    twin, best = torch_twin.Trainer(cfg, train_split, eval_split), BestTrainer(cfg, train_split,
+                                                                               eval_split)
+    states = [twin.init_state(), best.init_state()]
+    for a, b in zip(*(t.param_leaves(s) for t, s in zip((twin, best), states))):
+        np.testing.assert_array_equal(a, b)
+    for epoch in (1, 2):
+        out = []
+        for trainer, state in zip((twin, best), states):
+            _, sums, _ = trainer.train_epoch(state, epoch)
+            out.append((trainer.summarize(sums)[0]["loss"], trainer.evaluate(state)[0]["loss"],
+                        trainer.lr(state)))
+        np.testing.assert_allclose(out[1], out[0], rtol=1e-4)
+    final = [np.concatenate([p.ravel() for p in t.param_leaves(s)])
+             for t, s in zip((twin, best), states)]
+    assert np.linalg.norm(final[1] - final[0]) <= 1e-4 * np.linalg.norm(final[0])
+    assert best.record()["torch_best"]["fused_optimizer"]

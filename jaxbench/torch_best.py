@@ -1,0 +1,116 @@
+"""`torch-best`: the twin as a PyTorch expert would tune it, so JAX-vs-PyTorch compares best with best.
+
+Same model, initialization, data order, schedule and outputs as `torch_twin.Trainer` (its
+numerics: tests/test_torch_twin.py checks the trajectories agree); different only in how the
+step runs:
+- channels_last memory format for the model and its inputs (cuDNN's fast NHWC kernels);
+- on CUDA: `cudnn.benchmark` (autotuned convolution algorithms) and TF32 for float32
+  convolutions and matmuls, which is what XLA does on the same GPUs by default (its "DEFAULT"
+  precision), so both sides run the same precision; on CPU everything is float32, as for JAX;
+- fused Adam / SGD with the learning rate a device tensor updated in place, so the schedule
+  neither syncs with the host nor triggers a recompile;
+- gather, preprocessing, forward and loss compiled as one graph with `torch.compile`
+  (`max-autotune` on CUDA, whose CUDA graphs also remove the per-kernel launch cost; the default
+  mode on CPU, where max-autotune only lengthens the compile); the backward pass is compiled by
+  the same call (AOTAutograd);
+- the epoch's index array uploaded once per epoch, not once per step.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from jaxbench import data
+from jaxbench.loop import Diverged
+from jaxbench.torch_twin import State, Trainer, build, preprocess
+
+
+class BestTrainer(Trainer):
+    """`torch_twin.Trainer` with the step tuned as the module docstring lists."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.cuda = self.device.startswith("cuda")
+        if self.cuda:
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.compile_mode = "best"
+        self.inductor_mode = "max-autotune" if self.cuda else "default"
+
+    def init_state(self) -> State:
+        torch.manual_seed(self.cfg.seed)
+        model = build(self.cfg.model, self.cfg.num_classes, self.cfg.image_size).to(self.device)
+        model = model.to(memory_format=torch.channels_last)
+        lr = torch.tensor(self.schedule(0), dtype=torch.float32, device=self.device)
+        if self.cfg.optimizer == "adam":
+            opt = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+        else:
+            opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=self.cfg.momentum,
+                                  fused=True)
+        images, labels = self.dev["train"]
+        size, mean, std = self.cfg.image_size, self._mean, self._std
+
+        def forward(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            x = preprocess(images[idx], mean, std, size).contiguous(
+                memory_format=torch.channels_last)
+            y = labels[idx]
+            with self.autocast():
+                logits = model(x).float()
+            return F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(1) == y).sum()
+
+        step_fn = torch.compile(forward, mode=self.inductor_mode, dynamic=False)
+        return State(model, step_fn, opt)
+
+    def _set_lr(self, state: State) -> None:
+        for group in state.optimizer.param_groups:  # in place: the compiled step sees no change
+            group["lr"].fill_(self.schedule(state.step))
+
+    def _train_step_on(self, state: State, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._set_lr(state)
+        loss, right = state.step_model(idx)
+        state.optimizer.zero_grad(set_to_none=True)
+        (loss / idx.shape[0]).backward()
+        state.optimizer.step()
+        state.step += 1
+        return loss.detach(), right
+
+    def _train_step(self, state: State, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._train_step_on(state, torch.from_numpy(idx).to(self.device))
+
+    def train_epoch(self, state: State, epoch: int, sums: dict | None = None, start: int = 0,
+                    progress: Callable[[int], None] = lambda n: None,
+                    stop: Callable[[], bool] = lambda: False) -> tuple[State, dict, int]:
+        """As the twin's, with the epoch's indices on the device once."""
+        state.model.train()
+        order = data.epoch_order(self.cfg.seed, epoch, self.train_size, self.cfg.batch_size)
+        order_dev = torch.from_numpy(order).to(self.device)
+        sums = self.zero_sums() if sums is None else sums
+        done = start
+        for done in range(start + 1, len(order) + 1):
+            if stop():
+                done -= 1
+                break
+            loss, right = self._train_step_on(state, order_dev[done - 1])
+            sums["loss"] += loss
+            sums["correct"] += right
+            sums["count"] += order.shape[1]
+            if (done % 100 == 0 or done == len(order)) and not torch.isfinite(sums["loss"]):
+                raise Diverged(epoch, done)
+            progress(order.shape[1])
+        return state, sums, done
+
+    def lr(self, state: State) -> float:
+        return self.schedule(max(state.step - 1, 0))
+
+    def record(self) -> dict:
+        return {"torch_compile": "best", "torch_device": self.device,
+                "torch_best": {"memory_format": "channels_last", "fused_optimizer": True,
+                               "inductor_mode": self.inductor_mode,
+                               "cudnn_benchmark": bool(self.cuda),
+                               "tf32": bool(self.cuda), "lr": "device tensor",
+                               "indices": "uploaded once per epoch"}}
