@@ -1,6 +1,6 @@
 """Peak host memory (RSS) of a seed group vs one seed, each in a fresh process.
 
-    python benchmarks/seed_memory.py --exp fmnist_target --seeds 3 --steps 3
+    python benchmarks/seed_memory.py --exp fmnist_target --seeds 3 --steps 3 [--seed-group vmap]
 
 On CPU the device is the host, so RSS is the device memory too. Each measurement runs in its own
 subprocess: build the Trainer on random data of the experiment's shape (the full train set size),
@@ -20,7 +20,7 @@ import numpy as np
 from jaxbench import config, data
 from jaxbench.trainer import Trainer
 exp, seeds, steps, n_train = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-cfg = config.load(exp).replace(epochs=1, xla_cpu="default")
+cfg = config.load(exp).replace(epochs=1, xla_cpu="default", seed_group=sys.argv[5])
 shape = (28, 28, 1) if cfg.dataset == "fashion_mnist" else (64, 64, 3)
 rng = np.random.default_rng(0)
 split = lambda n: data.Split(rng.integers(0, 256, (n, *shape), dtype=np.uint8),
@@ -42,14 +42,17 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--train-size", type=int, default=60_000)
+    p.add_argument("--seed-group", default="auto", help="perf.seed_group of the group (auto, vmap, "
+                   "unroll)")
     args = p.parse_args()
     rows = []
     for seeds in (1, args.seeds):
         out = subprocess.run([sys.executable, "-c", CHILD, args.exp, str(seeds), str(args.steps),
-                              str(args.train_size)], capture_output=True, text=True, check=True)
+                              str(args.train_size), args.seed_group], capture_output=True,
+                             text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"{args.exp}, batch 32, {args.train_size:,} uint8 train images resident, "
-          f"{args.steps} train steps\n")
+          f"{args.steps} train steps, seed_group {args.seed_group}\n")
     print("| seeds | peak RSS (MB) |\n|---:|---:|")
     for row in rows:
         print(f"| {row['seeds']} | {row['peak_rss_mb']:.0f} |")
