@@ -18,7 +18,8 @@ step runs:
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -35,10 +36,6 @@ class BestTrainer(Trainer):
     def __post_init__(self):
         super().__post_init__()
         self.cuda = self.device.startswith("cuda")
-        if self.cuda:
-            torch.backends.cudnn.benchmark = True
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
         self.compile_mode = "best"
         self.inductor_mode = "max-autotune" if self.cuda else "default"
 
@@ -66,6 +63,26 @@ class BestTrainer(Trainer):
         step_fn = torch.compile(forward, mode=self.inductor_mode, dynamic=False)
         return State(model, step_fn, opt)
 
+    @contextlib.contextmanager
+    def _backend_flags(self) -> Iterator[None]:
+        """cudnn.benchmark and TF32 while this trainer runs, restored after: they are global in
+        PyTorch, and the benchmark runs the plain twin in the same process."""
+        flags = (torch.backends.cudnn, "benchmark"), (torch.backends.cudnn, "allow_tf32"), \
+            (torch.backends.cuda.matmul, "allow_tf32")
+        before = [getattr(obj, name) for obj, name in flags]
+        if self.cuda:
+            for obj, name in flags:
+                setattr(obj, name, True)
+        try:
+            yield
+        finally:
+            for (obj, name), value in zip(flags, before):
+                setattr(obj, name, value)
+
+    def evaluate(self, state: State) -> list[dict]:
+        with self._backend_flags():
+            return super().evaluate(state)
+
     def _set_lr(self, state: State) -> None:
         for group in state.optimizer.param_groups:  # in place: the compiled step sees no change
             group["lr"].fill_(self.schedule(state.step))
@@ -80,12 +97,19 @@ class BestTrainer(Trainer):
         return loss.detach(), right
 
     def _train_step(self, state: State, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._train_step_on(state, torch.from_numpy(idx).to(self.device))
+        with self._backend_flags():
+            return self._train_step_on(state, torch.from_numpy(idx).to(self.device))
 
     def train_epoch(self, state: State, epoch: int, sums: dict | None = None, start: int = 0,
                     progress: Callable[[int], None] = lambda n: None,
                     stop: Callable[[], bool] = lambda: False) -> tuple[State, dict, int]:
         """As the twin's, with the epoch's indices on the device once."""
+        with self._backend_flags():
+            return self._train_epoch(state, epoch, sums, start, progress, stop)
+
+    def _train_epoch(self, state: State, epoch: int, sums: dict | None, start: int,
+                     progress: Callable[[int], None], stop: Callable[[], bool]
+                     ) -> tuple[State, dict, int]:
         state.model.train()
         order = data.epoch_order(self.cfg.seed, epoch, self.train_size, self.cfg.batch_size)
         order_dev = torch.from_numpy(order).to(self.device)

@@ -147,3 +147,22 @@ def test_torch_best_computes_what_the_twin_computes(exp):
              for t, s in zip((twin, best), states)]
     assert np.linalg.norm(final[1] - final[0]) <= 1e-4 * np.linalg.norm(final[0])
     assert best.record()["torch_best"]["fused_optimizer"]
+
+
+def test_torch_best_sets_its_global_flags_only_while_it_runs():
+    """cudnn.benchmark and TF32 are process-wide in PyTorch: torch-best turns them on (on CUDA)
+    around its own calls and restores them, so the plain twin in the same benchmark process
+    keeps float32 convolutions and matmuls."""
+    import torch
+
+    from jaxbench.torch_best import BestTrainer
+
+    flags = lambda: (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+                     torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.benchmark = torch.backends.cuda.matmul.allow_tf32 = False
+    before = flags()
+    best = BestTrainer(config.load("fmnist_baseline"), synthetic_split(32), synthetic_split(8))
+    best.cuda = True  # what it would do on a GPU; here only the switching is checked
+    with best._backend_flags():
+        assert flags() == (True, True, True)
+    assert flags() == before
