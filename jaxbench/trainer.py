@@ -29,8 +29,9 @@ class Trainer:
 
     `seeds` (`--seeds`) trains a seed group as one program: every leaf of the state gets a
     leading seed axis, each seed initialized and shuffled exactly as `--seed S` would be, and the
-    steps run over that axis, vmapped or unrolled (`perf.seed_group`). The seed axis is independent of the mesh: batches are
-    sharded over devices along their batch axis as for one seed.
+    steps run over that axis, vmapped or unrolled (`perf.seed_group`). The seed axis is
+    independent of the mesh: batches are sharded over devices along their batch axis as for one
+    seed.
     `perf_record` (a resumed run's `Resolved.to_dict()`) reuses that run's speed decisions, so
     a resume compiles exactly the program the interrupted run used.
     """
