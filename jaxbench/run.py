@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Several processes: process 0 prepares the data first (a tfds folder they may share).
         train, test = distributed.process0_first(
             lambda: data.load(cfg, args.data_dir, args.manual_dir, args.arrays), "loading the data")
-        out = (Path(args.run_dir) if args.run_dir else
+        out = (outputs.ensure_dir(Path(args.run_dir), "--run-dir") if args.run_dir else
                Path(args.out) / run_name(cfg.name, args.framework, args.torch_compile))
         fit = functools.partial(loop.fit, framework=args.framework,
                                 checkpoint_dir=args.checkpoint_dir, resume=args.resume,

@@ -339,6 +339,15 @@ def checkpoint_dir_is_a_file(c: Ctx):
     return rc, err
 
 
+def run_dir_is_a_file(c: Ctx):
+    file = c.tmp / "run_file"
+    file.write_text("mine")
+    rc, _, err = main(args(c.arrays, c.tmp / "out", "--run-dir", file))
+    assert file.read_text() == "mine"
+    assert not (c.tmp / "out").exists()
+    return rc, err
+
+
 def resume_without_checkpoint(c: Ctx):
     rc, _, err = main(args(c.arrays, c.tmp / "out", "--resume"))
     assert not [p for p in (c.tmp / "out").rglob("*") if p.is_file()]
@@ -504,6 +513,8 @@ ROWS = [
         out_cannot_be_created),
     Row("`--checkpoint-dir` is a file", 2, "--checkpoint-dir: … is a file, not a folder",
         "the file, untouched; no output is written", checkpoint_dir_is_a_file),
+    Row("`--run-dir` is a file", 2, "--run-dir: … is a file, not a folder", "the file, untouched",
+        run_dir_is_a_file),
     Row("`--resume` without a checkpoint", 2,
         "--resume: no checkpoint in …; run without --resume", "no file is written",
         resume_without_checkpoint),
