@@ -19,14 +19,12 @@ step runs:
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from jaxbench import data
-from jaxbench.loop import Diverged
 from jaxbench.torch_twin import State, Trainer, build, preprocess
 
 
@@ -87,46 +85,27 @@ class BestTrainer(Trainer):
         for group in state.optimizer.param_groups:  # in place: the compiled step sees no change
             group["lr"].fill_(self.schedule(state.step))
 
-    def _train_step_on(self, state: State, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self._set_lr(state)
-        loss, right = state.step_model(idx)
-        state.optimizer.zero_grad(set_to_none=True)
-        (loss / idx.shape[0]).backward()
-        state.optimizer.step()
+    def _train_step(self, state: State, idx: np.ndarray | torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step on `idx`: a row of the device-resident epoch order (or host indices)."""
+        if isinstance(idx, np.ndarray):
+            idx = torch.from_numpy(idx).to(self.device)
+        with self._backend_flags():
+            self._set_lr(state)
+            loss, right = state.step_model(idx)
+            state.optimizer.zero_grad(set_to_none=True)
+            (loss / idx.shape[0]).backward()
+            state.optimizer.step()
         state.step += 1
         return loss.detach(), right
 
-    def _train_step(self, state: State, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        with self._backend_flags():
-            return self._train_step_on(state, torch.from_numpy(idx).to(self.device))
+    def _epoch_indices(self, order: np.ndarray) -> torch.Tensor:
+        """The epoch's indices on the device once, not once per step."""
+        return torch.from_numpy(order).to(self.device)
 
-    def train_epoch(self, state: State, epoch: int, sums: dict | None = None, start: int = 0,
-                    progress: Callable[[int], None] = lambda n: None,
-                    stop: Callable[[], bool] = lambda: False) -> tuple[State, dict, int]:
-        """As the twin's, with the epoch's indices on the device once."""
+    def train_epoch(self, state: State, epoch: int, *args, **kwargs) -> tuple[State, dict, int]:
         with self._backend_flags():
-            return self._train_epoch(state, epoch, sums, start, progress, stop)
-
-    def _train_epoch(self, state: State, epoch: int, sums: dict | None, start: int,
-                     progress: Callable[[int], None], stop: Callable[[], bool]
-                     ) -> tuple[State, dict, int]:
-        state.model.train()
-        order = data.epoch_order(self.cfg.seed, epoch, self.train_size, self.cfg.batch_size)
-        order_dev = torch.from_numpy(order).to(self.device)
-        sums = self.zero_sums() if sums is None else sums
-        done = start
-        for done in range(start + 1, len(order) + 1):
-            if stop():
-                done -= 1
-                break
-            loss, right = self._train_step_on(state, order_dev[done - 1])
-            sums["loss"] += loss
-            sums["correct"] += right
-            sums["count"] += order.shape[1]
-            if (done % 100 == 0 or done == len(order)) and not torch.isfinite(sums["loss"]):
-                raise Diverged(epoch, done)
-            progress(order.shape[1])
-        return state, sums, done
+            return super().train_epoch(state, epoch, *args, **kwargs)
 
     def lr(self, state: State) -> float:
         return self.schedule(max(state.step - 1, 0))

@@ -241,7 +241,8 @@ class Trainer:
         """Same contract as `trainer.Trainer.train_epoch`. The NaN check runs every 100 steps (a
         host sync), so a divergence is reported at the first check after it."""
         state.model.train()
-        order = data.epoch_order(self.cfg.seed, epoch, self.train_size, self.cfg.batch_size)
+        order = self._epoch_indices(
+            data.epoch_order(self.cfg.seed, epoch, self.train_size, self.cfg.batch_size))
         sums = self.zero_sums() if sums is None else sums
         done = start
         for done, idx in enumerate(order[start:], start + 1):
@@ -256,6 +257,10 @@ class Trainer:
                 raise Diverged(epoch, done)
             progress(len(idx))
         return state, sums, done
+
+    def _epoch_indices(self, order: np.ndarray):
+        """The epoch's (steps, batch) indices as `_train_step` takes them: host rows here."""
+        return order
 
     @torch.no_grad()
     def evaluate(self, state: State) -> list[dict]:
