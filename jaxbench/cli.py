@@ -83,8 +83,9 @@ def add_perf_args(parser: argparse.ArgumentParser) -> None:
                    help="XLA:CPU compile options (auto: ynn-reduce where it agrees with XLA's "
                    "default compile in a float32 self-check)")
     g.add_argument("--seed-group", choices=perf.SEED_GROUPS,
-                   help="how --seeds runs its seeds in one program: vmap (batched kernels) or "
-                   "unroll (each seed's own step, one after another; auto: unroll on CPU)")
+                   help="how --seeds runs its seeds: vmap (one program, batched kernels), "
+                   "unroll (one program, each seed's own step in turn) or loop (the one-seed "
+                   "program called per seed); auto: loop on CPU, vmap elsewhere")
 
 
 def resolve(args: argparse.Namespace) -> config_lib.Config:

@@ -26,10 +26,11 @@ import numpy as np
 
 DTYPES = ("float32", "bfloat16")  # compute dtype; parameters and optimizer state stay float32
 STEM_CONVS = ("auto", "xla", "taps")
-# How a seed group (`--seeds`) runs its seeds inside one jitted call: `vmap` batches them (every
+# How a seed group (`--seeds`) runs its seeds: `vmap` batches them in one jitted call (every
 # kernel does all seeds' work), `unroll` traces the single-seed step once per seed, one after
-# another in the same program (each seed computes exactly what it computes alone).
-SEED_GROUPS = ("auto", "vmap", "unroll")
+# another in the same program; `loop` calls the single-seed compiled step once per seed, each
+# seed's state its own arrays (each seed computes exactly what it computes alone).
+SEED_GROUPS = ("auto", "vmap", "unroll", "loop")
 # Option sets for XLA:CPU's compile (`lowered.compile(compiler_options=...)`). YNNPACK is the
 # library XLA:CPU hands convolutions, dots and reductions to by default.
 XLA_CPU_OPTIONS: dict[str, dict[str, str]] = {
@@ -125,9 +126,9 @@ def resolve(perf: Perf, backend: str, model: str, num_classes: int, batch_size: 
         reasons["xla_cpu"] = "set"
     group = perf.seed_group
     if group == "auto":
-        group = "unroll" if cpu else "vmap"
-        reasons["seed_group"] = ("auto: on XLA:CPU a vmapped group of 3 took 21.7x one seed's "
-                                 "time, an unrolled one 4.9x (results/speed/)" if cpu else
+        group = "loop" if cpu else "vmap"
+        reasons["seed_group"] = ("auto: on XLA:CPU a group of 3 took 21.7x one seed's time "
+                                 "vmapped, 4.9x unrolled, LOOPX looped (results/speed/)" if cpu else
                                  "auto: one seed's step leaves an accelerator mostly idle")
     else:
         reasons["seed_group"] = "set"

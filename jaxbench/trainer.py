@@ -27,11 +27,12 @@ from jaxbench.train import (Metrics, TrainState, chunks, create_state, fetch, ma
 class Trainer:
     """Holds an experiment's compiled steps and device-resident data; runs epochs.
 
-    `seeds` (`--seeds`) trains a seed group as one program: every leaf of the state gets a
-    leading seed axis, each seed initialized and shuffled exactly as `--seed S` would be, and the
-    steps run over that axis, vmapped or unrolled (`perf.seed_group`). The seed axis is
-    independent of the mesh: batches are sharded over devices along their batch axis as for one
-    seed.
+    `seeds` (`--seeds`) trains a seed group, each seed initialized and shuffled exactly as
+    `--seed S` would be (`perf.seed_group`): vmapped or unrolled, as one program over a leading
+    seed axis on every leaf of the state; looped, as a list of single-seed states, each stepped
+    by the single-seed program in turn (XLA:CPU runs that fastest: a group costs what its seeds
+    cost one after another). The seeds are independent of the mesh: batches are sharded over
+    devices along their batch axis as for one seed.
     `perf_record` (a resumed run's `Resolved.to_dict()`) reuses that run's speed decisions, so
     a resume compiles exactly the program the interrupted run used.
     """
@@ -72,8 +73,10 @@ class Trainer:
     def use(self, resolved: perf.Resolved) -> None:
         """Take these speed settings: the model's stem, steps per call, the compile options."""
         self.perf = resolved
+        self.looped = self.grouped and resolved.seed_group == "loop"
         self.programs = make_steps(self.mean, self.std, self.cfg.image_size,
-                                   group=resolved.seed_group if self.grouped else None)
+                                   group=resolved.seed_group if self.grouped and not self.looped
+                                   else None)
         self.model = models.build(self.cfg.model, self.cfg.num_classes, resolved.dtype,
                                   resolved.stem_conv)
         self.steps_per_call = max(1, min(resolved.steps_per_call, self.steps_per_epoch))
@@ -90,14 +93,18 @@ class Trainer:
 
     def member(self, tree: Any, i: int) -> Any:
         """Seed i's part of a (grouped) pytree; the tree itself for a single seed."""
+        if self.looped:
+            return tree[i]
         return jax.tree.map(lambda x: x[i], tree) if self.grouped else tree
 
     def param_count(self, state: TrainState) -> int:
-        return param_count(self.member(state.params, 0))
+        return param_count(self.member(state, 0).params)
 
     def init_state(self) -> TrainState:
         states = [create_state(self.cfg.replace(seed=s), self.steps_per_epoch, self.model, self.tx)
                   for s in self.seeds]
+        if self.looped:
+            return [self._replicate(s) for s in states]
         state = jax.tree.map(lambda *xs: np.stack(xs), *states) if self.grouped else states[0]
         return self._replicate(state)
 
@@ -114,13 +121,16 @@ class Trainer:
         local = np.split(a, jax.process_count(), axis=-1)[jax.process_index()]
         return jax.make_array_from_process_local_data(sharding, local, a.shape)
 
-    def _stacked(self, tree: Any) -> Any:
-        if not self.grouped:
-            return tree
-        return jax.tree.map(lambda x: np.broadcast_to(x, (len(self.seeds), *np.shape(x))), tree)
+    def _per_seed(self, tree: Any) -> Any:
+        """`tree` for every seed of a group (its own buffers: each seed's are donated)."""
+        if self.looped:
+            return [self._replicate(tree) for _ in self.seeds]
+        if self.grouped:
+            tree = jax.tree.map(lambda x: np.broadcast_to(x, (len(self.seeds), *np.shape(x))), tree)
+        return self._replicate(tree)
 
     def zero_sums(self) -> Metrics:
-        return self._replicate(self._stacked(zero_metrics(training=True)))
+        return self._per_seed(zero_metrics(training=True))
 
     def summarize(self, sums: Metrics) -> list[dict]:
         """Per seed: mean loss, accuracy and count of an epoch's sums."""
@@ -131,12 +141,16 @@ class Trainer:
         t0 = time.perf_counter()
         b, k, ek = self.cfg.batch_size, self.steps_per_call, self.eval_steps_per_call
         options = self.perf.compiler_options
-        idx = self.shard(np.zeros((len(self.seeds), k, b) if self.grouped else (k, b), np.int32))
+        stacked = self.grouped and not self.looped
+        idx = self.shard(np.zeros((len(self.seeds), k, b) if stacked else (k, b), np.int32))
         valid = jax.device_put(np.ones(k, bool), self.replicated)
+        state = self.member(state, 0) if self.looped else state  # one seed's program
         self.train_fn, used = perf.compile_lowered(self.programs.train.lower(
-            state, self.zero_sums(), *self.images["train"], idx, valid), options)
+            state, self.member(self.zero_sums(), 0) if self.looped else self.zero_sums(),
+            *self.images["train"], idx, valid), options)
         self.eval_fn, _ = perf.compile_lowered(self.programs.evaluate.lower(
-            state, self.eval_zero(), *self.images["eval"], self.shard(np.zeros((ek, b), np.int32)),
+            state, self.member(self.eval_zero(), 0) if self.looped else self.eval_zero(),
+            *self.images["eval"], self.shard(np.zeros((ek, b), np.int32)),
             self.shard(np.ones((ek, b), bool))), options)
         if used != options:  # XLA rejected the options: record the compile that really ran
             self.perf = dataclasses.replace(self.perf, xla_cpu="default", reasons={
@@ -146,9 +160,13 @@ class Trainer:
     def one_step_lowered(self) -> Any:
         """The unoptimized program of one train step (for counting its FLOPs)."""
         b = self.cfg.batch_size
-        shape = (len(self.seeds), 1, b) if self.grouped else (1, b)
+        stacked = self.grouped and not self.looped
+        shape = (len(self.seeds), 1, b) if stacked else (1, b)
+        state, sums = self.init_state(), self.zero_sums()
+        if self.looped:  # the program each seed runs
+            state, sums = self.member(state, 0), self.member(sums, 0)
         return self.programs.train.lower(
-            self.init_state(), self.zero_sums(), *self.images["train"],
+            state, sums, *self.images["train"],
             self.shard(np.zeros(shape, np.int32)), jax.device_put(np.ones(1, bool), self.replicated))
 
     def train_epoch(self, state: TrainState, epoch: int, sums: Metrics | None = None,
@@ -173,7 +191,13 @@ class Trainer:
                 break
             valid = jax.device_put(np.arange(k) < n, self.replicated)
             idx = idx.transpose(1, 0, 2) if self.grouped else idx[:, 0]
-            state, sums = self.train_fn(state, sums, *self.images["train"], self.shard(idx), valid)
+            if self.looped:
+                state, sums = map(list, zip(*(
+                    self.train_fn(s, m, *self.images["train"], self.shard(i), valid)
+                    for s, m, i in zip(state, sums, idx))))
+            else:
+                state, sums = self.train_fn(state, sums, *self.images["train"], self.shard(idx),
+                                            valid)
             done += n
             pending += n
             if call % sync_every == 0:
@@ -185,29 +209,35 @@ class Trainer:
         return state, sums, done
 
     def _check(self, sums: Metrics, epoch: int) -> None:
-        first_bad = np.atleast_1d(fetch(sums["first_bad_step"]))
+        first_bad = (np.array([fetch(m["first_bad_step"]) for m in sums]) if self.looped else
+                     np.atleast_1d(fetch(sums["first_bad_step"])))
         for seed, step in zip(self.seeds, first_bad):
             if step >= 0:  # a NaN in one seed stops the group, naming that seed
                 raise Diverged(epoch, int(step), seed if self.grouped else None)
 
     def eval_zero(self) -> Metrics:
-        return self._replicate(self._stacked(zero_metrics()))
+        return self._per_seed(zero_metrics())
 
     def evaluate(self, state: TrainState) -> list[dict]:
         metrics = self.eval_zero()
         for _, (idx, mask) in chunks(self.eval_steps_per_call, self.eval_idx, self.eval_mask):
-            metrics = self.eval_fn(state, metrics, *self.images["eval"], self.shard(idx),
-                                   self.shard(mask))
+            idx, mask = self.shard(idx), self.shard(mask)
+            if self.looped:
+                metrics = [self.eval_fn(s, m, *self.images["eval"], idx, mask)
+                           for s, m in zip(state, metrics)]
+            else:
+                metrics = self.eval_fn(state, metrics, *self.images["eval"], idx, mask)
         return self.summarize(metrics)
 
     def checkpoint_tree(self, state: TrainState, sums: Metrics) -> dict:
         return {"state": state, "sums": sums}
 
     def global_step(self, state: TrainState) -> int:
-        return int(np.ravel(fetch(state.step))[0])  # the seeds of a group step together
+        step = self.member(state, 0).step if self.looped else state.step
+        return int(np.ravel(fetch(step))[0])  # the seeds of a group step together
 
     def param_leaves(self, state: TrainState, i: int = 0) -> list[np.ndarray]:
-        return [fetch(x) for x in jax.tree.leaves(self.member(state.params, i))]
+        return [fetch(x) for x in jax.tree.leaves(self.member(state, i).params)]
 
     def lr(self, state: TrainState) -> float:
         """The learning rate of the last step taken."""

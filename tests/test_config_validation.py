@@ -64,7 +64,7 @@ BAD = [
     ("perf.steps_per_call", "1.5", None, "an integer >= 0"),
     ("perf.stem_conv", '"fft"', None, 'one of "auto", "xla", "taps"'),
     ("perf.xla_cpu", '"fast"', None, 'one of "auto", "default", "ynn-reduce", "ynn-off"'),
-    ("perf.seed_group", '"pmap"', None, 'one of "auto", "vmap", "unroll"'),
+    ("perf.seed_group", '"pmap"', None, 'one of "auto", "vmap", "unroll", "loop"'),
 ]
 
 

@@ -48,7 +48,7 @@ def equivalence_config(exp: str, batch: int) -> config.Config:
 @functools.lru_cache(maxsize=None)
 def single_run(exp: str, n_train: int, batch: int, seed: int):
     """`--seed S` alone: per-epoch losses, final parameters and BatchNorm statistics (computed once
-    and shared by the vmap and unroll cases)."""
+    and shared by the loop, vmap and unroll cases)."""
     cfg = equivalence_config(exp, batch).replace(seed=seed)
     state, curves = train(Trainer(cfg, noise_split(n_train, 0), noise_split(16, 1)), 2)
     return curves, flat(state.params), flat(state.batch_stats)
@@ -59,12 +59,17 @@ def single_run(exp: str, n_train: int, batch: int, seed: int):
     ("fmnist_target", 24, 8, "vmap", 1e-4, 1e-4),
     ("fmnist_baseline", 192, 32, "unroll", 1e-6, 1e-6),
     ("fmnist_target", 24, 8, "unroll", 1e-6, 1e-6),
+    ("fmnist_baseline", 192, 32, "loop", 0, 0),
+    ("fmnist_target", 24, 8, "loop", 0, 0),
 ])
 def test_each_seed_of_a_group_trains_like_its_single_seed_run(exp, n_train, batch, seed_group,
                                                               loss_rtol, params_rtol):
     """Same start (bit for bit), same data order, same trajectory within float32 tolerance.
 
-    `unroll` (the CPU default) traces the single-seed step once per seed: the same operations on
+    `loop` (the CPU default) calls the very executable a single-seed run compiles, on each seed's
+    own arrays: bit-identical, so its bounds are 0.
+
+    `unroll` traces the single-seed step once per seed: the same operations on
     the same numbers. On an AMD EPYC its losses and parameters were bit-identical to the single
     runs and TargetCNN's BatchNorm statistics 1-2 ulp off (XLA fuses the running-average update
     differently in the larger program); the bounds (1e-6 relative) leave room for such fusion
@@ -89,7 +94,7 @@ def test_each_seed_of_a_group_trains_like_its_single_seed_run(exp, n_train, batc
     for i, seed in enumerate((3, 5)):  # initialized exactly as --seed S would be
         single = Trainer(cfg.replace(seed=seed), train_split, eval_split)
         for a, b in zip(leaves(single.init_state().params),
-                        leaves(group.member(group.init_state().params, i))):
+                        leaves(group.member(group.init_state(), i).params)):
             np.testing.assert_array_equal(a, b)
     group_state, group_curves = train(group, 2)
     for i, seed in enumerate((3, 5)):
@@ -147,13 +152,16 @@ def test_the_twin_runs_a_group_one_seed_after_another(arrays, tmp_path):
             for s in (0, 1)))
 
 
-def test_a_nan_in_one_seed_stops_the_group_naming_it(tmp_path, monkeypatch):
-    cfg = config.load("fmnist_baseline").replace(epochs=2, batch_size=32)
+@pytest.mark.parametrize("seed_group", ["loop", "unroll"])  # a list of states; one stacked state
+def test_a_nan_in_one_seed_stops_the_group_naming_it(tmp_path, monkeypatch, seed_group):
+    cfg = config.load("fmnist_baseline").replace(epochs=2, batch_size=32, seed_group=seed_group)
     trainer = Trainer(cfg, synthetic_split(128), synthetic_split(32, seed=1), seeds=(0, 1, 2))
     original = trainer.train_epoch
 
     def poisoned(state, epoch, *args, **kwargs):  # seed 1 (index 1) gets NaN weights in epoch 2
-        if epoch == 2:
+        if epoch == 2 and trainer.looped:
+            state[1] = state[1].replace(params=jax.tree.map(lambda p: p * jnp.nan, state[1].params))
+        elif epoch == 2:
             poison = jnp.asarray([1.0, jnp.nan, 1.0])
             state = state.replace(params=jax.tree.map(
                 lambda p: p * poison.reshape(3, *([1] * (p.ndim - 1))), state.params))

@@ -98,8 +98,8 @@ def test_benchmark_on_a_small_limit_writes_json(tmp_path, mock_manual_dir):
     rows = exp["variants"]
     assert exp["jax_perf"]["xla_cpu"] in ("default", "ynn-reduce", "ynn-off")
     assert set(rows) == {"jax", "torch-eager", "jax-step-only", "jax-xla-default", "jax-seeds3"}
-    assert rows["jax-seeds3"]["seed_group"] == "unroll"  # the CPU default (perf.seed_group auto)
-    assert rows["jax-seeds3"]["group_over_one"] > 0 and "`jax-seeds3` (unroll)" in path.with_suffix(".md").read_text()
+    assert rows["jax-seeds3"]["seed_group"] == "loop"  # the CPU default (perf.seed_group auto)
+    assert rows["jax-seeds3"]["group_over_one"] > 0 and "`jax-seeds3` (loop)" in path.with_suffix(".md").read_text()
     for row in rows.values():
         assert len(row["times_s"]) == 2 and row["median_s"] > 0 and row["images_per_s"] > 0
         assert {"per_1000_images_s", "jax_over_this", "warmup_s", "compile_s"} <= set(row)
