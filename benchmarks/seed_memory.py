@@ -43,7 +43,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--train-size", type=int, default=60_000)
     p.add_argument("--seed-group", default="auto", help="perf.seed_group of the group (auto, vmap, "
-                   "unroll)")
+                   "unroll, loop)")
     args = p.parse_args()
     rows = []
     for seeds in (1, args.seeds):

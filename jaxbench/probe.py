@@ -18,7 +18,7 @@ from typing import Any
 from jaxbench import config as config_lib
 from jaxbench.children import die_with_parent
 from jaxbench.config import ConfigError
-from jaxbench.plan import SIZES
+from jaxbench.plan import SIZES, auto_grouping
 
 
 def probe() -> None:
@@ -109,7 +109,7 @@ def warm_up(item: dict, budget_s: float) -> dict:
     # CPU: one step per call, the budget stops it; elsewhere a few 50-step calls.
     train = split(cfg.batch_size * (64 if cpu else 512))
     test = split(cfg.batch_size * (4 if cpu else 64))
-    auto = "single" if cpu else "group"
+    auto = {"group": "group", "sequential": "single"}[auto_grouping(jax.default_backend())["mode"]]
     modes = sorted({auto if m == "auto" else m for m in item["modes"]}, reverse=True)  # single first
     out, record = {}, None
     for mode in modes:

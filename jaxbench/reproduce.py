@@ -12,8 +12,8 @@ yet under one folder (default `results/reproduce/`), then writes the paper repor
 
 Before it starts it prints the plan: each run, its epochs and an estimated time from a short timed
 warm-up of each model through the real Trainer on this machine. Each run is a subprocess
-(`python -m jaxbench.run`: on an accelerator the seeds vmapped as one program with `--seeds`; on a
-CPU one seed at a time, see `jaxbench.plan.auto_grouping`), so JAX state never leaks from one run
+(`python -m jaxbench.run --seeds`: on an accelerator the seeds vmapped as one program, on a CPU
+looped, each seed's compiled step in turn; see `jaxbench.plan.auto_grouping`), so JAX state never leaks from one run
 into the next and an interrupted suite resumes naturally: rerun the same command after Ctrl-C or
 kill -9 and finished runs are skipped (their summary.json holds every epoch), an unfinished one
 continues from its last checkpoint (`--resume`), and the final numbers are those of an
@@ -88,9 +88,10 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--tiny-arrays", help="Tiny ImageNet from an .npz of `python -m jaxbench.data "
                    "export` instead")
     p.add_argument("--grouping", choices=("auto", "group", "sequential"), default="auto",
-                   help="seeds as one vmapped program (group) or one after another (sequential); "
-                   "auto: groups on an accelerator, one after another on a CPU. Decided once per "
-                   "experiment and suite folder, kept when it resumes")
+                   help="an experiment's seeds as one seed group (`run --seeds`: vmapped on an "
+                   "accelerator, looped on a CPU) or as separate runs one after another "
+                   "(sequential); auto: group. Decided once per experiment and suite folder, "
+                   "kept when it resumes")
     p.add_argument("--dry-run", action="store_true", help="print the plan (with estimates) and exit")
     p.add_argument("--no-estimate", action="store_true", help="skip the timed warm-up")
     p.add_argument("--warmup-seconds", type=float, default=3.0,
@@ -181,7 +182,7 @@ def print_plan(suite: Suite, out: Path, seeds, jobs: list[Job], finished: list[t
         e = job.estimate
         total += e["total_s"] if e else 0.0
         rows.append((job.name, ",".join(map(str, job.seeds)),
-                     "vmapped group" if job.mode == "group" else "one seed",
+                     "seed group" if job.mode == "group" else "one seed",
                      str(job.cfg.epochs),
                      f"resume at epoch {job.epochs_done + 1}" if job.resume else "start",
                      f"{fmt_s(e['total_s'])} = {e['epochs']} x {fmt_s(e['epoch_s'])} + setup "
@@ -197,7 +198,7 @@ def print_plan(suite: Suite, out: Path, seeds, jobs: list[Job], finished: list[t
     for name, g in grouping.items():
         ways.setdefault((g["mode"], g["reason"]), []).append(name)
     for (mode, reason), exps in ways.items():
-        print(f"  {', '.join(exps)}: seeds {'as one vmapped group' if mode == 'group' else 'one after another'}"
+        print(f"  {', '.join(exps)}: seeds {'as one seed group' if mode == 'group' else 'one after another'}"
               f" ({reason})")
     if not jobs:
         print("  nothing to run: every run is finished.")

@@ -134,6 +134,20 @@ def test_an_unfinished_group_resumes_as_the_group_it_was(tmp_path):
         plan_experiment(tmp_path, "fmnist_baseline", cfg.replace(epochs=4), [0])
 
 
+def test_auto_grouping_groups_seeds_on_every_device_and_keeps_a_recorded_choice():
+    """A CPU now groups too (looped seeds, not slower than separate runs); one seed never groups;
+    a folder's recorded choice outlives a change of device or of this default."""
+    from jaxbench.plan import decide_grouping
+
+    for backend in ("cpu", "gpu", None):
+        assert decide_grouping([0, 1, 2], "auto", None, backend)["mode"] == "group"
+    assert "looped" in decide_grouping([0, 1], "auto", None, "cpu")["reason"]
+    assert decide_grouping([0], "auto", None, "cpu")["mode"] == "sequential"
+    old = {"mode": "sequential", "reason": "recorded"}
+    assert decide_grouping([0, 1, 2], "auto", old, "cpu") == old
+    assert decide_grouping([0, 1], "sequential", None, "gpu")["mode"] == "sequential"
+
+
 def wait_for(proc, pattern, seen, start=0, timeout=300):
     """Read the suite's output into seen[0] until `pattern` appears after position `start`."""
     import re
