@@ -48,7 +48,7 @@ def variants(cuda: bool, only: Sequence[str] | None = None) -> list[tuple[str, s
     reduce-overhead (CUDA graphs) exists for CUDA only. jax-xla-default (the same JAX program
     compiled with XLA's default options, `perf.xla_cpu = "default"`: the before/after of the
     run's compile choice in one run) exists only where JAX runs on CPU. jax-step-only (`StepOnly`) measures the input side. JAX
-    always runs: ratios are against it. jax-seeds3 trains seeds 0, 1, 2 as one program
+    always runs: ratios are against it. jax-seeds3 trains seeds 0, 1, 2 as one seed group
     (`--seeds`, the run's `perf.seed_group`), jax-seeds3-vmap the same group vmapped; their
     times are per seed (the group's time / 3), and `group_over_one` is the group's epoch over
     one seed's.
@@ -251,8 +251,9 @@ def markdown(result: dict) -> str:
     groups = [(exp, label, row) for exp, res in result["experiments"].items()
               for label, row in res["variants"].items() if "group_over_one" in row]
     if groups:
-        lines += ["", "Seed groups (seeds 0, 1, 2 as one program; their rows are per seed): the "
-                  "group's epoch over one seed's (3.00x = as slow as the seeds one after another): "
+        lines += ["", "Seed groups (seeds 0, 1, 2 together, `perf.seed_group` in brackets; their "
+                  "rows are per seed): the group's epoch over one seed's (3.00x = as slow as "
+                  "the seeds one after another): "
                   + "; ".join(f"{exp} `{label}` ({row.get('seed_group', 'vmap')}) "
                               f"{row['group_over_one']:.2f}x" for exp, label, row in groups) + "."]
     flops = [(exp, res) for exp, res in result["experiments"].items() if "jax_gflops" in res]
