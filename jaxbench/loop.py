@@ -239,8 +239,8 @@ def fit(cfg: Config, trainer: Trainer, out_dir: Path, framework: str = "jax",
               f"{trainer.steps_per_epoch} steps/epoch, compiled in {trainer.compile_time_s:.1f}s",
               flush=True)
         if trainer.grouped:
-            print(f"[{cfg.name}] seed group {list(trainer.seeds)}: one program, one folder per "
-                  "seed", flush=True)
+            print(f"[{cfg.name}] seed group {list(trainer.seeds)} "
+                  f"({trainer.perf.seed_group}): one folder per seed", flush=True)
         if "perf" in outputs.summary:
             print(f"[{cfg.name}] {trainer.perf.line()}", flush=True)
         outputs.write(progress.histories)

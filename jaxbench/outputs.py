@@ -234,8 +234,8 @@ def mean_std(values: Sequence[float]) -> dict:
 def group_summary(summaries: Sequence[dict], histories: Sequence[list[dict]]) -> dict:
     """A seed group's summary: mean ± sample std over its seeds, and mean curves per epoch.
 
-    `group_epoch_time_s` is the wall time of one epoch of the whole group (all seeds, in one
-    program for JAX, one after another for the PyTorch twin: `sequential`).
+    `group_epoch_time_s` is the wall time of one epoch of the whole group (all seeds together
+    for JAX, one after another for the PyTorch twin: `sequential`).
     """
     first = summaries[0]
     epochs = min(len(h) for h in histories)

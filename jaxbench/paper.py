@@ -67,6 +67,15 @@ class Run:
         return next(e for e, a in zip(self.curves["epoch"], accs) if a >= 0.99 * accs[-1])
 
     @property
+    def epoch_time_s(self) -> float:
+        """One seed's train seconds per epoch. A JAX seed group trains its seeds together and each
+        seed's summary records the group's epoch; its seed's share is that over the group's size
+        (the twin's `--seeds` runs one seed after another: its own time)."""
+        t = self.summary["mean_epoch_time_s"]
+        group = self.summary.get("seed_group")
+        return t / len(group) if group and not self.summary.get("sequential") else t
+
+    @property
     def framework(self) -> str:
         fw = self.summary.get("framework", "jax")
         if fw == "torch":

@@ -107,7 +107,7 @@ def _acc_cells(g: paper.Group) -> list[str]:
     return [f"{len(g.runs)} ({', '.join(str(r.cfg['seed']) for r in g.runs)})",
             paper.pct(*g.stat([r.final for r in g.runs])), paper.pct(*g.stat([r.best for r in g.runs])),
             f"{statistics.fmean(r.epochs_to_99 for r in g.runs):.1f}",
-            f"{statistics.fmean(r.summary['mean_epoch_time_s'] for r in g.runs):,.2f}",
+            f"{statistics.fmean(r.epoch_time_s for r in g.runs):,.2f}",
             " / ".join(f"{p:,}" for p in params), " / ".join(map(str, epochs))]
 
 
@@ -117,7 +117,7 @@ def paper_table(title: str, dataset: str, exps: tuple[str, ...], groups: list[pa
                      for g in mine for r in g.runs if not g.protocol})
     lines = [f"## {title}", "", f"Accuracy on the eval split ({'; '.join(splits) or 'none measured'}), mean ± "
              "sample std over seeds (n seeds). Train seconds per epoch: steady epochs (epoch 1 excluded when "
-             "there are more), training only. Columns marked **paper** hold the paper's numbers (one NVIDIA "
+             "there are more), training only, per seed (a seed group's epoch over its seed count). Columns marked **paper** hold the paper's numbers (one NVIDIA "
              "P100), not ours.", "",
              "| model | framework | hardware | n (seeds) | final acc | best-epoch acc | epochs to 99% of final | "
              "train s / epoch (on that hardware) | params | epochs | **paper** acc (P100) | "

@@ -32,9 +32,10 @@ def parser() -> argparse.ArgumentParser:
                    "CUDA (jaxbench/torch_best.py)")
     add_data_args(p)
     p.add_argument("--seeds", type=seed_list,
-                   help="train several seeds: 0,1,2 (or 3 for 0,1,2). JAX trains them as one "
-                   "vmapped program; the PyTorch twin one after another. Output: one folder per "
-                   "seed plus a summary.json with mean and std")
+                   help="train several seeds: 0,1,2 (or 3 for 0,1,2). JAX trains them as one seed "
+                   "group (--seed-group: vmapped on accelerators, looped on CPU); the PyTorch "
+                   "twin one after another. Output: one folder per seed plus a summary.json "
+                   "with mean and std")
     p.add_argument("--out", default="results/runs", help="output folder (default: results/runs)")
     p.add_argument("--run-dir", help="write this run into exactly this folder instead of "
                    "<out>/<exp> (the reproduce suite puts one seed's run into <exp>/seed<S>)")

@@ -30,8 +30,8 @@ class Trainer:
     `seeds` (`--seeds`) trains a seed group, each seed initialized and shuffled exactly as
     `--seed S` would be (`perf.seed_group`): vmapped or unrolled, as one program over a leading
     seed axis on every leaf of the state; looped, as a list of single-seed states, each stepped
-    by the single-seed program in turn (XLA:CPU runs that fastest: a group costs what its seeds
-    cost one after another). The seeds are independent of the mesh: batches are sharded over
+    by the single-seed program in turn (XLA:CPU runs that fastest, no slower than the seeds as
+    separate runs). The seeds are independent of the mesh: batches are sharded over
     devices along their batch axis as for one seed.
     `perf_record` (a resumed run's `Resolved.to_dict()`) reuses that run's speed decisions, so
     a resume compiles exactly the program the interrupted run used.
@@ -123,8 +123,8 @@ class Trainer:
 
     def _per_seed(self, tree: Any) -> Any:
         """`tree` for every seed of a group (its own buffers: each seed's are donated)."""
-        if self.looped:
-            return [self._replicate(tree) for _ in self.seeds]
+        if self.looped:  # a host copy each: no two seeds' device arrays can share memory
+            return [self._replicate(jax.tree.map(np.array, tree)) for _ in self.seeds]
         if self.grouped:
             tree = jax.tree.map(lambda x: np.broadcast_to(x, (len(self.seeds), *np.shape(x))), tree)
         return self._replicate(tree)

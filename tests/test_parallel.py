@@ -52,21 +52,22 @@ for name, cfg, n_train in [
                         for x, p0 in zip(jax.tree.leaves(state.params), start)],
             "sharding": str(state.params["Conv_0"]["kernel"].sharding.spec),
             "devices": len(state.params["Conv_0"]["kernel"].sharding.device_set)}
-# A seed group on a mesh: the seed axis is independent of the batch-sharded device axis.
-# (BaselineCNN to keep it short: tests/test_seeds.py checks TargetCNN groups seed by seed.)
+# A seed group on a mesh, looped (a list of states; the CPU default) and vmapped (a leading seed
+# axis, independent of the batch-sharded device axis; the accelerator default). BaselineCNN to keep
+# it short: tests/test_seeds.py checks TargetCNN groups seed by seed.
 cfg = config.load("fmnist_baseline").replace(epochs=2, batch_size=16, optimizer="sgd",
                                              learning_rate=0.01, schedule="cosine",
                                              xla_cpu="default")
-for n in (1, 2):
-    t = Trainer(cfg, synthetic_split(96), synthetic_split(40, seed=1), devices=jax.devices()[:n],
-                seeds=(0, 1))
+for n, group in ((1, "loop"), (2, "loop"), (1, "vmap"), (2, "vmap")):
+    t = Trainer(cfg.replace(seed_group=group), synthetic_split(96), synthetic_split(40, seed=1),
+                devices=jax.devices()[:n], seeds=(0, 1))
     state = t.init_state()
     t.compile(state)
     losses = []
     for epoch in range(1, cfg.epochs + 1):
         state, sums, _ = t.train_epoch(state, epoch)
         losses += [m["loss"] for m in t.summarize(sums)] + [m["loss"] for m in t.evaluate(state)]
-    out[f"group{n}"] = {"losses": losses}
+    out[f"{group}{n}"] = {"losses": losses}
 print(json.dumps(out))
 """
 
@@ -89,6 +90,8 @@ def test_two_devices_match_one():
         a, b = np.asarray(a), np.asarray(b)
         assert np.linalg.norm(b - a) <= 2e-2 * np.linalg.norm(a) + 1e-8, (a, b)
     np.testing.assert_allclose(out["run2"]["losses"], out["run1"]["losses"], rtol=1e-3)
-    # The seed group: two devices like one, and its two seeds really differ.
-    np.testing.assert_allclose(out["group2"]["losses"], out["group1"]["losses"], rtol=1e-3)
-    assert out["group1"]["losses"][0] != out["group1"]["losses"][1]
+    # The seed groups: two devices like one, and their two seeds really differ.
+    for group in ("loop", "vmap"):
+        np.testing.assert_allclose(out[f"{group}2"]["losses"], out[f"{group}1"]["losses"], rtol=1e-3)
+        assert out[f"{group}1"]["losses"][0] != out[f"{group}1"]["losses"][1]
+    np.testing.assert_allclose(out["vmap1"]["losses"], out["loop1"]["losses"], rtol=1e-4)

@@ -16,7 +16,7 @@ EPYC = {"platform": "cpu", "name": "cpu", "count": 1, "cpu": "AMD EPYC", "cores"
 
 
 def write_run(folder: Path, exp: str, model: str, seed: int, accs: list[float], *, new_keys: bool,
-              device=H200, config_epochs: int = 25, epoch_time: float = 2.0) -> Path:
+              device=H200, config_epochs: int = 25, epoch_time: float = 2.0, extra=None) -> Path:
     """A run folder as jaxbench.run writes it; `new_keys` writes eval_* (with wrong test_* aliases,
     so a test can tell which one the report read), otherwise the older test_* names only."""
     folder.mkdir(parents=True)
@@ -42,7 +42,7 @@ def write_run(folder: Path, exp: str, model: str, seed: int, accs: list[float], 
                    "train_limit": None, "eval_limit": None, "dtype": "float32", "num_classes": 10},
         "train_examples": 60000, "eval_examples": 10000, "epochs_completed": len(accs),
         "best_epoch": accs.index(best) + 1, "mean_epoch_time_s": epoch_time, "compile_time_s": 1.0,
-        **acc_keys,
+        **acc_keys, **(extra or {}),
     }
     (folder / "summary.json").write_text(json.dumps(summary))
     return folder
@@ -57,10 +57,11 @@ def runs(tmp_path_factory) -> Path:
         accs = [0.60 + 0.01 * seed, 0.80 + 0.01 * seed, third] + [0.90 + 0.01 * seed] * 22
         write_run(root / "gpu" / f"fmnist_baseline_seed{seed}", "fmnist_baseline", "baseline", seed, accs,
                   new_keys=False, epoch_time=0.5 + 0.1 * seed)
-    # TargetCNN, eval_* keys: finals 93/95% (mean 94.00, std 1.41), 99% reached at epoch 2.
+    # TargetCNN, eval_* keys: finals 93/95% (mean 94.00, std 1.41), 99% reached at epoch 2; one
+    # seed group of two, so each seed's summary holds the group's 2.0 s epoch.
     for seed, final in ((0, 0.93), (1, 0.95)):
         write_run(root / "gpu" / f"fmnist_target_seed{seed}", "fmnist_target", "target", seed,
-                  [0.80, final - 0.005] + [final] * 23, new_keys=True)
+                  [0.80, final - 0.005] + [final] * 23, new_keys=True, extra={"seed_group": [0, 1]})
     # A 3-epoch run of the same experiment on a CPU: a shorter protocol.
     write_run(root / "cpu" / "fmnist_target_3ep", "fmnist_target", "target", 0, [0.70, 0.75, 0.80],
               new_keys=False, device=EPYC, config_epochs=3, epoch_time=900.0)
@@ -103,6 +104,7 @@ def test_table_rows_mean_std_n_and_epochs_to_99(generated):
     assert target[3] == "2 (0, 1)"
     assert target[4] == "94.00 ± 1.41%"  # eval_* preferred over the (wrong) test_* aliases
     assert target[6] == "2.0"
+    assert target[7] == "1.00"  # per seed: the group's 2.0 s epoch over its two seeds
     assert target[10] == "89.5%"
     assert "**paper** acc (P100)" in readme
     assert "our TargetCNN beats our BaselineCNN, 94.00% vs 91.00%" in readme and "the reverse order" in readme

@@ -1,4 +1,4 @@
-"""`--seeds`: a seed group trains as one program, each seed as `--seed S` alone would."""
+"""`--seeds`: a seed group trains each seed as `--seed S` alone would."""
 
 import functools
 import json
