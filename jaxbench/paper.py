@@ -296,11 +296,14 @@ def findings(groups: list[Group]) -> list[str]:
             (ma, sa), (mb, sb) = a.stat(fa), b.stat(fb)
             overlap = max(min(fa), min(fb)) <= min(max(fa), max(fb))
             std = lambda s: "n/a" if s is None else f"{s:.2f}"
+            verdict = ("with one seed on a side there is no seed spread to compare against."
+                       if min(len(fa), len(fb)) < 2 else
+                       "the seeds' min–max ranges overlap: they agree within the seed spread."
+                       if overlap else "the seeds' min–max ranges do not overlap: they do not "
+                       "agree within the seed spread.")
             out.append(f"{a.exp} on {a.hardware} vs {b.hardware} (same code path, other hardware): "
                        f"{ma:.2f}% vs {mb:.2f}% final, difference {ma - mb:+.2f} pp, seed std {std(sa)} / "
-                       f"{std(sb)} pp (n={len(fa)} / {len(fb)}); the seeds' min–max ranges "
-                       + ("overlap: they agree within the seed spread." if overlap
-                          else "do not overlap: they do not agree within the seed spread."))
+                       f"{std(sb)} pp (n={len(fa)} / {len(fb)}); " + verdict)
     return out
 
 

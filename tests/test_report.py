@@ -169,3 +169,19 @@ def test_broken_summary_is_a_clear_error(tmp_path, capsys, text):
 def test_missing_input_is_exit_2(tmp_path, capsys):
     assert report.main(["paper", str(tmp_path / "nope"), "--out", str(tmp_path / "out")]) == 2
     assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_cross_hardware_agreement_needs_two_seeds_a_side(tmp_path):
+    """One seed on a side has no spread: the report says so instead of judging agreement."""
+    for seed, final in ((0, 0.90), (1, 0.92)):
+        write_run(tmp_path / "runs" / f"gpu{seed}", "fmnist_baseline", "baseline", seed, [final] * 25,
+                  new_keys=True)
+    write_run(tmp_path / "runs" / "cpu0", "fmnist_baseline", "baseline", 0, [0.95] * 25, new_keys=True,
+              device=EPYC)
+    assert report.main(["paper", str(tmp_path / "runs"), "--out", str(tmp_path / "a")]) == 0
+    text = (tmp_path / "a" / "README.md").read_text()
+    assert "(n=1 / 2); with one seed on a side there is no seed spread to compare against." in text
+    write_run(tmp_path / "runs" / "cpu1", "fmnist_baseline", "baseline", 1, [0.91] * 25, new_keys=True,
+              device=EPYC)
+    assert report.main(["paper", str(tmp_path / "runs"), "--out", str(tmp_path / "b")]) == 0
+    assert "overlap: they agree within the seed spread" in (tmp_path / "b" / "README.md").read_text()
