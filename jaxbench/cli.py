@@ -40,7 +40,8 @@ non_negative_int = int_at_least(0)
 
 
 def seed_list(text: str) -> tuple[int, ...]:
-    """`--seeds 0,1,2` (a list) or `--seeds 3` (shorthand for 0,1,2)."""
+    """`--seeds 0,1,2` (a list) or `--seeds 3` (shorthand for 0,1,2). A lone number is a count,
+    so `--seeds 1` means seed 0; seed 1 alone is `--seeds 1,` (a list of one)."""
     try:
         values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:

@@ -74,7 +74,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--skip", action="append", metavar="EXP[,EXP]", help="leave these out")
     p.add_argument("--include-densenet", action="store_true",
                    help="add the suite's optional DenseNet-BC experiments")
-    p.add_argument("--seeds", type=seed_list, help="override the suite's seeds (0,1,2 or a count)")
+    p.add_argument("--seeds", type=seed_list, help="override the suite's seeds: a list (0,1,2; one seed: 1, with "
+                   "the comma) or a count (3 = 0,1,2; so 1 = seed 0)")
     p.add_argument("--epochs", type=positive_int, help="override every experiment's epoch count "
                    "(a short trial; one --out folder holds one protocol)")
     g = p.add_argument_group("data (taken once, checked before any training)")

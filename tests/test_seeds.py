@@ -185,3 +185,10 @@ def test_bad_seed_lists_exit_2(value, capsys):
 def test_seed_and_seeds_together_exit_2(capsys):
     assert run.main(["--exp", "fmnist_baseline", "--seed", "1", "--seeds", "0,1"]) == 2
     assert "--seed and --seeds" in capsys.readouterr().err
+
+
+def test_a_lone_number_is_a_count_and_a_trailing_comma_makes_a_list():
+    from jaxbench.cli import seed_list
+
+    assert seed_list("3") == (0, 1, 2) and seed_list("1") == (0,)
+    assert seed_list("1,") == (1,) and seed_list("2,0") == (2, 0)
