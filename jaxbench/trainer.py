@@ -136,22 +136,28 @@ class Trainer:
         """Per seed: mean loss, accuracy and count of an epoch's sums."""
         return [summarize(self.member(sums, i)) for i in range(len(self.seeds))]
 
+    @property
+    def stacked(self) -> bool:
+        """A group whose state carries a leading seed axis (vmap, unroll), not a list (loop)."""
+        return self.grouped and not self.looped
+
+    def _per_call(self, tree: Any) -> Any:
+        """What one compiled call takes: one seed's part of a looped group, else the whole tree."""
+        return self.member(tree, 0) if self.looped else tree
+
     def compile(self, state: TrainState) -> float:
         """Compile both steps ahead of time with the run's XLA options; return the seconds taken."""
         t0 = time.perf_counter()
         b, k, ek = self.cfg.batch_size, self.steps_per_call, self.eval_steps_per_call
         options = self.perf.compiler_options
-        stacked = self.grouped and not self.looped
-        idx = self.shard(np.zeros((len(self.seeds), k, b) if stacked else (k, b), np.int32))
+        idx = self.shard(np.zeros((len(self.seeds), k, b) if self.stacked else (k, b), np.int32))
         valid = jax.device_put(np.ones(k, bool), self.replicated)
-        state = self.member(state, 0) if self.looped else state  # one seed's program
+        state = self._per_call(state)
         self.train_fn, used = perf.compile_lowered(self.programs.train.lower(
-            state, self.member(self.zero_sums(), 0) if self.looped else self.zero_sums(),
-            *self.images["train"], idx, valid), options)
+            state, self._per_call(self.zero_sums()), *self.images["train"], idx, valid), options)
         self.eval_fn, _ = perf.compile_lowered(self.programs.evaluate.lower(
-            state, self.member(self.eval_zero(), 0) if self.looped else self.eval_zero(),
-            *self.images["eval"], self.shard(np.zeros((ek, b), np.int32)),
-            self.shard(np.ones((ek, b), bool))), options)
+            state, self._per_call(self.eval_zero()), *self.images["eval"],
+            self.shard(np.zeros((ek, b), np.int32)), self.shard(np.ones((ek, b), bool))), options)
         if used != options:  # XLA rejected the options: record the compile that really ran
             self.perf = dataclasses.replace(self.perf, xla_cpu="default", reasons={
                 **self.perf.reasons, "xla_cpu": f"XLA rejected {options}; its default compile"})
@@ -160,13 +166,10 @@ class Trainer:
     def one_step_lowered(self) -> Any:
         """The unoptimized program of one train step (for counting its FLOPs)."""
         b = self.cfg.batch_size
-        stacked = self.grouped and not self.looped
-        shape = (len(self.seeds), 1, b) if stacked else (1, b)
-        state, sums = self.init_state(), self.zero_sums()
-        if self.looped:  # the program each seed runs
-            state, sums = self.member(state, 0), self.member(sums, 0)
+        shape = (len(self.seeds), 1, b) if self.stacked else (1, b)
         return self.programs.train.lower(
-            state, sums, *self.images["train"],
+            self._per_call(self.init_state()), self._per_call(self.zero_sums()),
+            *self.images["train"],
             self.shard(np.zeros(shape, np.int32)), jax.device_put(np.ones(1, bool), self.replicated))
 
     def train_epoch(self, state: TrainState, epoch: int, sums: Metrics | None = None,
