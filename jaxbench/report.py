@@ -117,8 +117,8 @@ def paper_table(title: str, dataset: str, exps: tuple[str, ...], groups: list[pa
                      for g in mine for r in g.runs if not g.protocol})
     lines = [f"## {title}", "", f"Accuracy on the eval split ({'; '.join(splits) or 'none measured'}), mean ± "
              "sample std over seeds (n seeds). Train seconds per epoch: steady epochs (epoch 1 excluded when "
-             "there are more), training only, per seed (a seed group's epoch over its seed count). Columns marked **paper** hold the paper's numbers (one NVIDIA "
-             "P100), not ours.", "",
+             "there are more), training only, per seed (a seed group's epoch over its seed count). "
+             "Columns marked **paper** hold the paper's numbers (one NVIDIA P100), not ours.", "",
              "| model | framework | hardware | n (seeds) | final acc | best-epoch acc | epochs to 99% of final | "
              "train s / epoch (on that hardware) | params | epochs | **paper** acc (P100) | "
              "**paper** s / epoch (P100) | ours − paper, final |", "|---|---|---|---|" + "---:|" * 9]

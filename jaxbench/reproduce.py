@@ -13,8 +13,8 @@ yet under one folder (default `results/reproduce/`), then writes the paper repor
 Before it starts it prints the plan: each run, its epochs and an estimated time from a short timed
 warm-up of each model through the real Trainer on this machine. Each run is a subprocess
 (`python -m jaxbench.run --seeds`: on an accelerator the seeds vmapped as one program, on a CPU
-looped, each seed's compiled step in turn; see `jaxbench.plan.auto_grouping`), so JAX state never leaks from one run
-into the next and an interrupted suite resumes naturally: rerun the same command after Ctrl-C or
+looped, each seed's compiled step in turn; see `jaxbench.plan.auto_grouping`), so JAX state
+never leaks from one run into the next and an interrupted suite resumes naturally: rerun the same command after Ctrl-C or
 kill -9 and finished runs are skipped (their summary.json holds every epoch), an unfinished one
 continues from its last checkpoint (`--resume`), and the final numbers are those of an
 uninterrupted suite. The data are checked (prepared, opened) before any training; a dataset that
@@ -74,8 +74,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--skip", action="append", metavar="EXP[,EXP]", help="leave these out")
     p.add_argument("--include-densenet", action="store_true",
                    help="add the suite's optional DenseNet-BC experiments")
-    p.add_argument("--seeds", type=seed_list, help="override the suite's seeds: a list (0,1,2; one seed: 1, with "
-                   "the comma) or a count (3 = 0,1,2; so 1 = seed 0)")
+    p.add_argument("--seeds", type=seed_list, help="override the suite's seeds: a list "
+                   "(0,1,2; one seed: 1, with the comma) or a count (3 = 0,1,2; so 1 = seed 0)")
     p.add_argument("--epochs", type=positive_int, help="override every experiment's epoch count "
                    "(a short trial; one --out folder holds one protocol)")
     g = p.add_argument_group("data (taken once, checked before any training)")
