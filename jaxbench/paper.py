@@ -76,6 +76,12 @@ class Run:
         return t / len(group) if group and not self.summary.get("sequential") else t
 
     @property
+    def timed(self) -> bool:
+        """Whether its epoch times measure the hardware: a measurement folder lists in its
+        provenance.json `shared_machine` the run folders that shared the machine with other work."""
+        return self.path.name not in self.provenance.get("shared_machine", [])
+
+    @property
     def framework(self) -> str:
         fw = self.summary.get("framework", "jax")
         if fw == "torch":
@@ -173,7 +179,9 @@ def load_run(run_dir: Path) -> Run:
     if not curves["epoch"]:
         raise ReportError(f"{mpath}: no epochs recorded")
     prov = provenance_of(run_dir)
-    prov.setdefault("commit", summary.get("commit") or summary.get("git_commit"))
+    # A folder of runs made at several commits names each run's own in `commits` (folder -> commit).
+    own = prov.get("commits", {}).get(run_dir.name) if isinstance(prov.get("commits"), dict) else None
+    prov["commit"] = own or prov.get("commit") or summary.get("commit") or summary.get("git_commit")
     return Run(run_dir, summary, curves, hardware_of(summary["device"]), protocol_of(summary), prov)
 
 

@@ -107,8 +107,18 @@ def _acc_cells(g: paper.Group) -> list[str]:
     return [f"{len(g.runs)} ({', '.join(str(r.cfg['seed']) for r in g.runs)})",
             paper.pct(*g.stat([r.final for r in g.runs])), paper.pct(*g.stat([r.best for r in g.runs])),
             f"{statistics.fmean(r.epochs_to_99 for r in g.runs):.1f}",
-            f"{statistics.fmean(r.epoch_time_s for r in g.runs):,.2f}",
+            _epoch_time(g),
             " / ".join(f"{p:,}" for p in params), " / ".join(map(str, epochs))]
+
+
+def _epoch_time(g: paper.Group) -> str:
+    """Mean train s / epoch over the runs that had their machine to themselves."""
+    timed = [r.epoch_time_s for r in g.runs if r.timed]
+    if not timed:
+        return "— (machine shared with other work)"
+    shared = len(g.runs) - len(timed)
+    return f"{statistics.fmean(timed):,.2f}" + (f" ({len(timed)} of {len(g.runs)} runs; the others shared "
+                                               "the machine)" if shared else "")
 
 
 def paper_table(title: str, dataset: str, exps: tuple[str, ...], groups: list[paper.Group]) -> str:

@@ -142,7 +142,7 @@ def test_overrides_are_checked_too():
 
 
 def test_the_cli_ends_cleanly_on_a_mistyped_value(tmp_path, monkeypatch):
-    """The issue's case: every key but `learning_rate = "fast"` -> exit 2, one line, no trace."""
+    """The reported case: every key but `learning_rate = "fast"` -> exit 2, one line, no trace."""
     monkeypatch.setenv("JAXBENCH_COMPILE_CACHE", "")
     path = tmp_path / "fast.toml"
     path.write_text(BASE.replace("learning_rate = 1e-3", 'learning_rate = "fast"'))

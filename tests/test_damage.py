@@ -112,7 +112,7 @@ def finished(arrays, tmp_path_factory) -> Finished:
 # --- Damage, the ways it happens ----------------------------------------------------------------
 
 def garbage(step_dir: Path) -> None:
-    """Every file overwritten with random bytes of its size (the issue's case)."""
+    """Every file overwritten with random bytes of its size (the reported case)."""
     rng = np.random.default_rng(0)
     for p in step_dir.rglob("*"):
         if p.is_file():

@@ -185,3 +185,27 @@ def test_cross_hardware_agreement_needs_two_seeds_a_side(tmp_path):
               device=EPYC)
     assert report.main(["paper", str(tmp_path / "runs"), "--out", str(tmp_path / "b")]) == 0
     assert "overlap: they agree within the seed spread" in (tmp_path / "b" / "README.md").read_text()
+
+
+def test_a_folder_names_each_runs_commit_and_the_runs_that_shared_the_machine(tmp_path):
+    """provenance.json's `commits` gives each run folder its own commit in Runs used; runs listed in
+    `shared_machine` drop out of the seconds per epoch, and the cell says how many were timed."""
+    folder = tmp_path / "runs" / "2026-01-02-cpu"
+    for seed, secs in ((0, 250.0), (1, 60.0), (2, 70.0)):
+        write_run(folder / f"fmnist_baseline_seed{seed}", "fmnist_baseline", "baseline", seed, [0.9] * 25,
+                  new_keys=True, device=EPYC, epoch_time=secs)
+    (folder / "provenance.json").write_text(json.dumps({
+        "commit": "aaaaaaa (seed 0), bbbbbbb (seeds 1, 2)",
+        "commits": {"fmnist_baseline_seed0": "aaaaaaa", "fmnist_baseline_seed1": "bbbbbbb",
+                    "fmnist_baseline_seed2": "bbbbbbb"},
+        "shared_machine": ["fmnist_baseline_seed0"]}))
+    assert report.main(["paper", str(tmp_path / "runs"), "--out", str(tmp_path / "a")]) == 0
+    text = (tmp_path / "a" / "README.md").read_text()
+    assert row(text, "`fmnist_baseline`", "AMD EPYC")[7] == "65.00 (2 of 3 runs; the others shared the machine)"
+    assert "commit aaaaaaa" in row(text, "fmnist_baseline_seed0](")[-1]
+    assert "commit bbbbbbb" in row(text, "fmnist_baseline_seed2](")[-1]
+    (folder / "provenance.json").write_text(json.dumps({"shared_machine": [
+        f"fmnist_baseline_seed{s}" for s in range(3)]}))
+    assert report.main(["paper", str(tmp_path / "runs"), "--out", str(tmp_path / "b")]) == 0
+    cells = row((tmp_path / "b" / "README.md").read_text(), "`fmnist_baseline`", "AMD EPYC")
+    assert cells[7] == "— (machine shared with other work)"
