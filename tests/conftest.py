@@ -14,12 +14,23 @@ FMNIST_FILES = SHARED / "fashion-mnist"
 TINY_FILES = SHARED / "tiny-imagenet-200"
 
 
+def run_folder(tmp_path_factory, name: str) -> Path:
+    """A folder of this test run, the same for all its pytest-xdist workers (`-n`), so that what
+    one worker builds the others reuse; fresh per test run either way."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return tmp_path_factory.mktemp(name)
+    path = tmp_path_factory.getbasetemp().parent / name  # the run's folder above each worker's
+    path.mkdir(exist_ok=True)
+    return path
+
+
 @pytest.fixture(scope="session", autouse=True)
 def compile_cache(tmp_path_factory):
     """One XLA compilation cache for the test run, in-process and in every `jaxbench.run`
-    subprocess: the many tests that compile the same small programs compile each once. Fresh per
-    test run (not ~/.cache), so a run's timing and results never depend on an earlier one."""
-    path = str(tmp_path_factory.mktemp("xla-cache"))
+    subprocess, shared by the xdist workers: the many tests that compile the same small programs
+    compile each once. Fresh per test run (not ~/.cache), so a run's timing and results never
+    depend on an earlier one."""
+    path = str(run_folder(tmp_path_factory, "xla-cache"))
     old = os.environ.get("JAXBENCH_COMPILE_CACHE")
     os.environ["JAXBENCH_COMPILE_CACHE"] = path
     from jaxbench import cli
@@ -37,11 +48,16 @@ def fmnist_tfds_dir(tmp_path_factory) -> Path:
     """A tfds data_dir with the real Fashion-MNIST prepared offline from ../shared/data."""
     if not (FMNIST_FILES / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip(f"real Fashion-MNIST files not found in {FMNIST_FILES}")
+    from filelock import FileLock
+
     from jaxbench import data
 
-    data_dir = tmp_path_factory.mktemp("tfds")
-    data.prepare("fashion_mnist", str(data_dir), str(FMNIST_FILES))
-    return data_dir
+    folder = run_folder(tmp_path_factory, "fmnist-tfds")
+    with FileLock(str(folder / "prepare.lock")):  # one worker prepares, the others wait
+        if not (folder / "prepared").exists():
+            data.prepare("fashion_mnist", str(folder / "tfds"), str(FMNIST_FILES))
+            (folder / "prepared").touch()
+    return folder / "tfds"
 
 
 def synthetic_split(n: int, shape=(28, 28, 1), classes: int = 10, seed: int = 0):
