@@ -31,7 +31,7 @@ from jaxbench.config import ConfigError
 
 
 VARIANTS = {"jax": ("jax", "none"), "jax-xla-default": ("jax", "none"),
-            "jax-step-only": ("jax", "none"), "jax-seeds3": ("jax", "none"),
+            "jax-step-only": ("jax", "none"), "jax-bf16": ("jax", "none"), "jax-seeds3": ("jax", "none"),
             "jax-seeds3-vmap": ("jax", "none"),
             "torch-eager": ("torch", "none"),
             "torch-compile": ("torch", "default"), "torch-reduce-overhead": ("torch", "reduce-overhead"),
@@ -47,8 +47,9 @@ def variants(cuda: bool, only: Sequence[str] | None = None) -> list[tuple[str, s
 
     reduce-overhead (CUDA graphs) exists for CUDA only. jax-xla-default (the same JAX program
     compiled with XLA's default options, `perf.xla_cpu = "default"`: the before/after of the
-    run's compile choice in one run) exists only where JAX runs on CPU. jax-step-only (`StepOnly`) measures the input side. JAX
-    always runs: ratios are against it. jax-seeds3 trains seeds 0, 1, 2 as one seed group
+    run's compile choice in one run) exists only where JAX runs on CPU. jax-step-only
+    (`StepOnly`) measures the input side. jax-bf16 is the same experiment with `--dtype
+    bfloat16` (skipped when the run is bfloat16 already). JAX always runs: ratios are against it. jax-seeds3 trains seeds 0, 1, 2 as one seed group
     (`--seeds`, the run's `perf.seed_group`), jax-seeds3-vmap the same group vmapped; their
     times are per seed (the group's time / 3), and `group_over_one` is the group's epoch over
     one seed's.
@@ -79,19 +80,30 @@ def machine_tag(info: dict) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
-    """float32 n x n matmul throughput under JAX on this machine: the yardstick for model FLOP/s.
+def matmul_size() -> int:
+    """The yardstick matmul's side: 2048 on CPU; 8192 on accelerators, which 2048 cannot fill."""
+    import jax
 
-    The best over every XLA:CPU option set (`perf.XLA_CPU_OPTIONS`; one compile elsewhere): they
-    pick different matmul kernels, and a yardstick below what the machine can do would flatter the
-    model's share of it.
+    return 2048 if jax.default_backend() == "cpu" else 8192
+
+
+def matmul_peak_gflops(n: int | None = None, repeats: int = 10, dtype: str = "float32") -> float:
+    """n x n matmul throughput under JAX on this machine: the yardstick for model FLOP/s.
+
+    float32 at JAX's default precision, which is what the models run (on NVIDIA GPUs since
+    Ampere XLA runs it on TF32 tensor cores; on CPU it is float32); `matmul_size()` by default.
+    The best over every
+    XLA:CPU option set (`perf.XLA_CPU_OPTIONS`; one compile elsewhere): they pick different
+    matmul kernels, and a yardstick below what the machine can do would flatter the model's share
+    of it.
     """
     import jax
     import jax.numpy as jnp
 
     from jaxbench import perf
 
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    n = n or matmul_size()
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
     lowered = jax.jit(lambda x: x @ x).lower(a)
     options = perf.XLA_CPU_OPTIONS.values() if jax.default_backend() == "cpu" else [{}]
     best = 0.0
@@ -133,9 +145,11 @@ def versions() -> dict:
 class StepOnly:
     """The JAX train step alone, repeated on one preprocessed batch that stays on the device.
 
-    The same number of steps as a `Trainer` epoch, without the per-step gather, resize and
-    normalization, the index transfer and the host loop's bookkeeping: an epoch with a free input
-    side. 1 - (its time / the jax variant's) is the input side's share of epoch time.
+    The same number of steps as a `Trainer` epoch, in calls of the trainer's steps per call (a
+    scan over the step, as the trainer's), without the per-step gather, resize and
+    normalization, the index transfer, the padding-step condition and the host loop's
+    bookkeeping: an epoch with a free input side. 1 - (its time / the jax variant's) is the input
+    side's share of epoch time.
     """
 
     def __init__(self, trainer):
@@ -156,33 +170,54 @@ class StepOnly:
         batch = NamedSharding(t.mesh, PartitionSpec("data"))
         self.x = jax.device_put(data.preprocess(images[:b], t.mean, t.std, t.cfg.image_size), batch)
         self.y = jax.device_put(labels[:b], batch)
-        step = jax.jit(train.train_step, donate_argnums=0)
-        self.fn, _ = perf.compile_lowered(step.lower(state, self.x, self.y),
-                                          t.perf.compiler_options)
+        k = t.steps_per_call
+        self.calls = [k] * (self.steps_per_epoch // k) + [self.steps_per_epoch % k] * bool(
+            self.steps_per_epoch % k)
+        self.fns = {}
+        for n in sorted(set(self.calls)):
+            def steps(state, x, y, n=n):
+                if n == 1:
+                    return train.train_step(state, x, y)[0]
+                return jax.lax.scan(lambda s, _: (train.train_step(s, x, y)[0], None), state,
+                                    length=n)[0]
+
+            lowered = jax.jit(steps, donate_argnums=0).lower(state, self.x, self.y)
+            self.fns[n], _ = perf.compile_lowered(lowered, t.perf.compiler_options)
         return time.perf_counter() - t0
 
     def train_epoch(self, state, epoch: int):
         import jax
 
-        for _ in range(self.steps_per_epoch):
-            state, _ = self.fn(state, self.x, self.y)
+        for n in self.calls:
+            state = self.fns[n](state, self.x, self.y)
         return jax.block_until_ready(state), None, self.steps_per_epoch
 
 
 def bench_experiment(cfg, train, test, repeats: int, epochs_per_repeat: int, cuda: bool,
                      only: Sequence[str] | None = None, log=print) -> dict:
-    trainers, states, warm = {}, {}, {}
+    trainers, states, warm, failed = {}, {}, {}, {}
     for label, framework, mode in variants(cuda, only):
+        if label == "jax-bf16" and cfg.perf.dtype == "bfloat16":
+            continue  # the run is bfloat16 already: `jax` is this variant
         variant_cfg = (cfg.replace(xla_cpu="default") if label == "jax-xla-default" else
-                       cfg.replace(seed_group="vmap") if label == "jax-seeds3-vmap" else cfg)
+                       cfg.replace(seed_group="vmap") if label == "jax-seeds3-vmap" else
+                       cfg.replace(dtype="bfloat16") if label == "jax-bf16" else cfg)
         seeds = GROUP if label in GROUPED else None
-        trainer = cli.make_trainer(framework, variant_cfg, train, test, mode, seeds)
-        if label == "jax-step-only":
-            trainer = StepOnly(trainer)
-        state = trainer.init_state()
         t0 = time.perf_counter()
-        compile_s = trainer.compile(state)
-        state, _, _ = trainer.train_epoch(state, 0)  # warm-up: caches, autotuning, torch.compile
+        try:
+            trainer = cli.make_trainer(framework, variant_cfg, train, test, mode, seeds)
+            if label == "jax-step-only":
+                trainer = StepOnly(trainer)
+            state = trainer.init_state()
+            t0 = time.perf_counter()
+            compile_s = trainer.compile(state)
+            state, _, _ = trainer.train_epoch(state, 0)  # warm-up: caches, autotuning, compiles
+        except Exception as err:  # noqa: BLE001 - one variant's failure must not lose the others
+            if label == "jax":
+                raise
+            failed[label] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            log(f"  {label}: FAILED after {time.perf_counter() - t0:.1f}s ({failed[label]})")
+            continue
         warm[label] = {"compile_s": compile_s, "warmup_s": time.perf_counter() - t0}
         trainers[label], states[label] = trainer, state
         log(f"  {label}: warm-up {warm[label]['warmup_s']:.1f}s (compile {compile_s:.1f}s)")
@@ -212,12 +247,17 @@ def bench_experiment(cfg, train, test, repeats: int, epochs_per_repeat: int, cud
     gflop = step_gflop(trainers["jax"])
     out = {"images_per_repeat": images, "variants": rows,
            "jax_perf": trainers["jax"].perf.to_dict()}
+    if failed:
+        out["failed"] = failed
     if "jax-step-only" in rows:
         out["input_share"] = 1 - rows["jax-step-only"]["median_s"] / rows["jax"]["median_s"]
     if gflop:
         steps = images / cfg.batch_size
         out["jax_gflop_per_step"] = gflop
-        out["jax_gflops"] = gflop * steps / rows["jax"]["median_s"]
+        for label, row in rows.items():
+            if label.startswith("jax") and label not in GROUPED:
+                row["gflops"] = gflop * steps / row["median_s"]
+        out["jax_gflops"] = rows["jax"]["gflops"]
     return out
 
 
@@ -235,9 +275,9 @@ def markdown(result: dict) -> str:
              f"below 1 faster. `jax-xla-default` is the same JAX program compiled with XLA's "
              f"default options (`jax` uses the run's `perf.xla_cpu` choice, listed below the table). "
              f"JAX model FLOP/s is XLA's cost analysis of the unoptimized one-step train program "
-             f"over its time, against a float32 2048x2048 matmul under JAX in the same run "
-             f"(the fastest over XLA:CPU's option sets): "
-             f"{result['matmul_peak_gflops']:.0f} GFLOP/s.", "",
+             f"over its time, against a float32 {result.get('matmul_n', 2048)}-square matmul "
+             f"under JAX (default precision) in the same run (on CPU the fastest over XLA:CPU's "
+             f"option sets): {result['matmul_peak_gflops']:.0f} GFLOP/s.", "",
              f"| experiment | variant | {unit} (s) | images/s | JAX / this | warm-up (s) |",
              "|---|---|---:|---:|---:|---:|"]
     for exp, res in result["experiments"].items():
@@ -245,6 +285,8 @@ def markdown(result: dict) -> str:
             value = row["median_s"] if unit == "per epoch" else row["per_1000_images_s"]
             lines.append(f"| {exp} | {label} | {value:.3f} | {row['images_per_s']:.0f} | "
                          f"{row['jax_over_this']:.2f} | {row['warmup_s']:.1f} |")
+    lines += [f"\n{exp} `{label}` failed in its warm-up: {why}" for exp, res in
+              result["experiments"].items() for label, why in res.get("failed", {}).items()]
     lines += ["", "JAX compile per experiment: " + "; ".join(
         f"{exp} `{res['jax_perf']['xla_cpu']}`" for exp, res in result["experiments"].items()
         if "jax_perf" in res) + "."]
@@ -258,20 +300,25 @@ def markdown(result: dict) -> str:
                               f"{row['group_over_one']:.2f}x" for exp, label, row in groups) + "."]
     flops = [(exp, res) for exp, res in result["experiments"].items() if "jax_gflops" in res]
     if flops:
-        peak = result["matmul_peak_gflops"]
-        lines += ["", "`jax` GFLOP/s counts the whole epoch; `step only` the train step alone on a "
-                  "device-resident batch (`jax-step-only`). Input side: 1 - step-only time / "
-                  "jax time.", "",
-                  "| experiment | GFLOP per step | jax GFLOP/s | % of peak | step only GFLOP/s | "
-                  "% of peak | input side |", "|---|---:|---:|---:|---:|---:|---:|"]
+        peak, bf16_peak = result["matmul_peak_gflops"], result.get("matmul_peak_bf16_gflops")
+        lines += ["", "Model FLOP/s: the JAX variants' GFLOP per step (XLA's cost analysis of the "
+                  "unoptimized one-step program, the same for every variant) times steps over "
+                  "their time; `jax` counts the whole epoch, `jax-step-only` the train step alone "
+                  "on a device-resident batch. % of peak is against the float32 matmul above"
+                  + (f" ({bf16_peak:.0f} GFLOP/s in bfloat16 for `jax-bf16`)" if bf16_peak
+                     else "") + ". Input side: 1 - step-only time / jax time.", "",
+                  "| experiment | GFLOP per step | variant | GFLOP/s | % of peak | input side |",
+                  "|---|---:|---|---:|---:|---:|"]
         for exp, res in flops:
-            only = res["variants"].get("jax-step-only")
-            pure = res["jax_gflops"] * res["variants"]["jax"]["median_s"] / only["median_s"] \
-                if only else None
-            extra = (f"{pure:.0f} | {100 * pure / peak:.0f}% | {100 * res['input_share']:.1f}%"
-                     if only else "- | - | -")
-            lines.append(f"| {exp} | {res['jax_gflop_per_step']:.1f} | {res['jax_gflops']:.0f} | "
-                         f"{100 * res['jax_gflops'] / peak:.0f}% | {extra} |")
+            for label, row in res["variants"].items():
+                if "gflops" not in row and label != "jax":
+                    continue
+                gflops = row.get("gflops", res["jax_gflops"])
+                ref = bf16_peak if label == "jax-bf16" and bf16_peak else peak
+                share = (f"{100 * res['input_share']:.1f}%" if label == "jax"
+                         and "input_share" in res else "")
+                lines.append(f"| {exp} | {res['jax_gflop_per_step']:.1f} | {label} | "
+                             f"{gflops:.0f} | {100 * gflops / ref:.0f}% | {share} |")
     return "\n".join(lines) + "\n"
 
 
@@ -303,11 +350,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = {"command": "python -m jaxbench.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": info, "versions": versions(), "repeats": args.repeats,
               "matmul_peak_gflops": matmul_peak_gflops(),
+              "matmul_n": matmul_size(),
               "unit": "per epoch" if args.epochs else "per 1,000 images", "experiments": {}}
+    import jax
+
+    if jax.default_backend() != "cpu":  # the matrix units' bfloat16 rate, for `jax-bf16`
+        result["matmul_peak_bf16_gflops"] = matmul_peak_gflops(dtype="bfloat16")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = machine_tag(info)
     try:
         for name in args.exp:
-            cfg = config_lib.load(name).replace(batch_size=args.batch_size, seed=args.seed,
-                                                dtype=args.dtype)
+            cfg = config_lib.load(name).replace(
+                batch_size=args.batch_size, seed=args.seed, dtype=args.dtype,
+                steps_per_call=args.steps_per_call, stem_conv=args.stem_conv,
+                xla_cpu=args.xla_cpu, seed_group=args.seed_group)
             limit = args.train_limit or (steps * cfg.batch_size if steps else None)
             cfg = cfg.replace(train_limit=limit, eval_limit=args.eval_limit or cfg.batch_size)
             train, test = data.load(cfg, args.data_dir, args.manual_dir, args.arrays)
@@ -315,13 +372,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             result["experiments"][name] = bench_experiment(
                 cfg, train, test, args.repeats, args.epochs or 1, cuda,
                 args.variants.split(",") if args.variants else None)
+            # After every experiment: a run stopped later (a time limit) keeps what it measured.
+            outputs.write_json(out / f"{tag}.json", result)
+            (out / f"{tag}.md").write_text(markdown(result))
     except (ConfigError, data.DataError) as err:
         return cli.fail(str(err))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = machine_tag(info)
-    outputs.write_json(out / f"{tag}.json", result)
-    (out / f"{tag}.md").write_text(markdown(result))
     print(markdown(result))
     print(f"wrote {out / tag}.json and .md")
     return 0

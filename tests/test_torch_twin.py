@@ -112,6 +112,28 @@ def test_benchmark_on_a_small_limit_writes_json(tmp_path, mock_manual_dir):
     assert -0.5 < share < 1 and "input side" in md
 
 
+def test_a_variant_that_fails_is_recorded_and_the_others_still_timed(monkeypatch):
+    """A variant that breaks in its warm-up (say torch.compile on a new card) is named with its
+    error in the result; the run goes on with the rest instead of losing the experiment."""
+    make = cli.make_trainer
+
+    def broken_torch(framework, *args, **kwargs):
+        if framework == "torch":
+            raise RuntimeError("no kernel image is available\nsecond line")
+        return make(framework, *args, **kwargs)
+
+    monkeypatch.setattr(bench.cli, "make_trainer", broken_torch)
+    cfg = config.load("fmnist_baseline").replace(batch_size=16, train_limit=32, eval_limit=16)
+    res = bench.bench_experiment(cfg, synthetic_split(32), synthetic_split(16, seed=1), 1, 1,
+                                 False, ["jax-bf16", "torch-eager"], log=lambda *_: None)
+    assert set(res["variants"]) == {"jax", "jax-bf16"}
+    assert res["failed"] == {"torch-eager": "RuntimeError: no kernel image is available"}
+    md = bench.markdown({"unit": "per 1,000 images", "machine": {"cpu": "x", "cores": 2,
+                         "jax_device": "cpu"}, "versions": {}, "repeats": 1, "command": "c",
+                         "matmul_peak_gflops": 1.0, "experiments": {"fmnist_baseline": res}})
+    assert "fmnist_baseline `torch-eager` failed in its warm-up: RuntimeError" in md
+
+
 @pytest.mark.parametrize("exp", ["fmnist_baseline", "fmnist_target"])
 def test_torch_best_computes_what_the_twin_computes(exp):
     """`torch-best` changes how the step runs (channels_last, fused optimizer, compiled step,

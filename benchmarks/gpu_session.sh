@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# The GPU measurements of results/speed/<date>-<commit>-<gpu>/, as one prepared script: every
+# stage has its own time limit and writes its files as it goes, so a stage that runs out of time
+# costs only itself.
+#
+#   OUT=DIR DATA=DIR bash benchmarks/gpu_session.sh PART [PART ...]
+#
+# PARTs, in the order they were run (each a separate call on one machine, so that the datasets
+# could arrive in pieces beside them):
+#   speed     JAX vs PyTorch (eager, reduce-overhead, torch-best) and jax-bf16 on all four
+#             experiments (Tiny ImageNet shapes on random pixels, Fashion-MNIST on the real files),
+#             then profiler traces of a tiny_target train call in float32 and bfloat16.
+#   fmnist16  Fashion-MNIST 25 epochs in bfloat16, seed 0 of both models (accuracy cost of bf16).
+#   tiny      Tiny ImageNet 25 epochs, tiny_target seed 0, float32 (the paper's Table II), then
+#             what time is left: XLA GPU flag variants of the tiny_target step.
+# BUDGET_S caps the whole call (later stages get what is left, or are skipped).
+# DATA holds fashion-mnist/ (the four official files) and, for `tiny`, tin/ (the two archives).
+# Runs from a source checkout with no TensorFlow (the readers in jaxbench/datasets/files.py).
+set -u
+OUT=${OUT:?set OUT}; DATA=${DATA:?set DATA}
+W=${WORK:-/tmp/jb}
+RES=$W/results  # everything measured; $OUT gets a tarball of it and the log after every stage
+mkdir -p "$OUT" "$W" "$RES"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 JAXBENCH_COMPILE_CACHE=$W/xla-cache \
+    TORCHINDUCTOR_CACHE_DIR=$W/inductor XDG_CACHE_HOME=$W/cache
+SMALL=${SMALL:-}  # set: a few steps and epochs only (the CPU rehearsal of this script)
+T0=$(date +%s)
+log() { echo "=== [$(($(date +%s) - T0))s] $*" | tee -a "$OUT/log.txt"; }
+pack() { cp "$OUT/log.txt" "$RES/log-$part.txt"; tar -czf "$OUT/results.tar.gz" -C "$RES" .; }
+stage() {  # stage NAME LIMIT_S COMMAND...; with BUDGET_S set, no stage runs past T0 + BUDGET_S
+  local name=$1 limit=$2; shift 2
+  if [ -n "${BUDGET_S:-}" ]; then
+    local left=$((T0 + BUDGET_S - $(date +%s)))
+    if [ "$left" -lt 15 ]; then log "$name: skipped (the call's ${BUDGET_S}s budget is spent)"; return; fi
+    [ "$left" -lt "$limit" ] && limit=$left
+  fi
+  log "$name (limit ${limit}s): $*"
+  timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$OUT/log.txt"
+  log "$name: exit ${PIPESTATUS[0]}"
+  pack
+}
+
+steps=300; epochs=; calls=2; target=tiny_target
+tiny_exps="--exp tiny_target --exp tiny_baseline"; fmnist_exps="--exp fmnist_target --exp fmnist_baseline"
+variants=jax,jax-step-only,jax-bf16,torch-eager,torch-reduce-overhead,torch-best
+if [ -n "$SMALL" ]; then  # BaselineCNN only: TargetCNN in bfloat16 crawls on XLA:CPU
+  steps=4; epochs="--epochs 1 --train-limit 256 --eval-limit 64"; calls=1; target=tiny_baseline
+  tiny_exps="--exp tiny_baseline"; fmnist_exps="--exp fmnist_baseline"
+fi
+synth() {  # Tiny ImageNet's shapes on random pixels: speed only, no accuracy
+  [ -f "$W/tiny_synth.npz" ] || stage synth 30 python3 -c "
+import numpy as np
+r = np.random.default_rng(0)
+np.savez('$W/tiny_synth.npz', dataset='tiny_imagenet',
+         train_images=r.integers(0, 256, (12000, 64, 64, 3), dtype=np.uint8),
+         train_labels=r.integers(0, 200, 12000).astype(np.int32),
+         eval_images=r.integers(0, 256, (320, 64, 64, 3), dtype=np.uint8),
+         eval_labels=r.integers(0, 200, 320).astype(np.int32))"
+}
+
+for part in "$@"; do
+  case $part in
+  speed)
+    stage env 30 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv;
+      python3 -c "import sys,jax,flax,optax,numpy,torch; print(sys.version.split()[0], \"jax\", jax.__version__, \"flax\", flax.__version__, \"optax\", optax.__version__, \"numpy\", numpy.__version__, \"torch\", torch.__version__, jax.devices())";
+      lscpu | grep -m1 "Model name"'
+    synth
+    stage bench-tiny 170 python3 -m jaxbench.bench $tiny_exps \
+      --steps $steps --repeats 3 --variants $variants --arrays "$W/tiny_synth.npz" --out "$RES/speed-tiny"
+    stage bench-fmnist 110 python3 -m jaxbench.bench $fmnist_exps \
+      --steps $steps --repeats 3 --variants $variants --manual-dir "$DATA/fashion-mnist" --out "$RES/speed-fmnist"
+    for dtype in float32 bfloat16; do
+      stage "trace-$dtype" 40 python3 benchmarks/gpu_trace.py --exp $target --dtype $dtype \
+        --arrays "$W/tiny_synth.npz" --calls $calls --out "$RES/trace"
+    done
+    ;;
+  fmnist16)
+    for exp in fmnist_target fmnist_baseline; do
+      stage "$exp-bf16" 110 python3 -m jaxbench.run --exp $exp --dtype bfloat16 $epochs \
+        --manual-dir "$DATA/fashion-mnist" --run-dir "$RES/runs/${exp}_bf16_seed0" \
+        --checkpoint-dir "$W/checkpoints/${exp}_bf16"
+    done
+    ;;
+  tiny)
+    stage "$target" 230 python3 -m jaxbench.run --exp $target $epochs \
+      --manual-dir "$DATA/tin" --run-dir "$RES/runs/${target}_seed0" \
+      --checkpoint-dir "$W/checkpoints/$target"
+    synth
+    # XLA GPU flag variants of the same step (one process each: XLA_FLAGS is read at start).
+    for flags in "--xla_gpu_enable_command_buffer=" \
+                 "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"; do
+      tag=$(echo "$flags" | tr -c 'a-zA-Z0-9\n' '_' | cut -c3-60)
+      stage "flags $flags" 45 env XLA_FLAGS="$flags" python3 -m jaxbench.bench --exp $target \
+        --steps $steps --repeats 3 --variants jax --arrays "$W/tiny_synth.npz" --out "$RES/flags-$tag"
+    done
+    ;;
+  *) echo "unknown part $part" >&2; exit 2 ;;
+  esac
+done
+log done
