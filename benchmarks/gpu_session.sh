@@ -7,9 +7,12 @@
 #
 # PARTs, in the order they were run (each a separate call on one machine, so that the datasets
 # could arrive in pieces beside them):
-#   speed     JAX vs PyTorch (eager, reduce-overhead, torch-best) and jax-bf16 on all four
+#   speed     JAX vs PyTorch (eager, reduce-overhead) and jax-bf16, jax-step-only on all four
 #             experiments (Tiny ImageNet shapes on random pixels, Fashion-MNIST on the real files),
 #             then profiler traces of a tiny_target train call in float32 and bfloat16.
+#   torchbest JAX vs torch-best, one benchmark process per experiment: torch.compile's
+#             max-autotune spent 115 s to over 150 s autotuning each experiment on an H200
+#             (2026-11-27), so it gets a stage of its own, TargetCNN first.
 #   fmnist16  Fashion-MNIST 25 epochs in bfloat16, seed 0 of both models (accuracy cost of bf16).
 #   tiny      Tiny ImageNet 25 epochs, tiny_target seed 0, float32 (the paper's Table II), then
 #             what time is left: XLA GPU flag variants of the tiny_target step.
@@ -42,7 +45,7 @@ stage() {  # stage NAME LIMIT_S COMMAND...; with BUDGET_S set, no stage runs pas
 
 steps=300; epochs=; calls=2; target=tiny_target
 tiny_exps="--exp tiny_target --exp tiny_baseline"; fmnist_exps="--exp fmnist_target --exp fmnist_baseline"
-variants=jax,jax-step-only,jax-bf16,torch-eager,torch-reduce-overhead,torch-best
+variants=jax,jax-step-only,jax-bf16,torch-eager,torch-reduce-overhead
 if [ -n "$SMALL" ]; then  # BaselineCNN only: TargetCNN in bfloat16 crawls on XLA:CPU
   steps=4; epochs="--epochs 1 --train-limit 256 --eval-limit 64"; calls=1; target=tiny_baseline
   tiny_exps="--exp tiny_baseline"; fmnist_exps="--exp fmnist_baseline"
@@ -72,6 +75,15 @@ for part in "$@"; do
     for dtype in float32 bfloat16; do
       stage "trace-$dtype" 40 python3 benchmarks/gpu_trace.py --exp $target --dtype $dtype \
         --arrays "$W/tiny_synth.npz" --calls $calls --out "$RES/trace"
+    done
+    ;;
+  torchbest)
+    synth
+    for exp in tiny_target fmnist_target tiny_baseline fmnist_baseline; do
+      [ -n "$SMALL" ] && [ "${exp#*_}" = target ] && continue
+      data=(--arrays "$W/tiny_synth.npz"); [ "${exp%%_*}" = fmnist ] && data=(--manual-dir "$DATA/fashion-mnist")
+      stage "torch-best $exp" 240 python3 -m jaxbench.bench --exp $exp --steps $steps --repeats 3 \
+        --variants jax,torch-reduce-overhead,torch-best "${data[@]}" --out "$RES/torch-best-$exp"
     done
     ;;
   fmnist16)

@@ -117,19 +117,12 @@ def matmul_peak_gflops(n: int | None = None, repeats: int = 10, dtype: str = "fl
     return best
 
 
-def step_gflop(trainer) -> float | None:
-    """GFLOP of one JAX train step: XLA's cost analysis of the unoptimized, one-step program.
+def step_gflop(trainer) -> float:
+    """GFLOP of one JAX train step: its convolutions and matrix products, read off the traced
+    program (`train.step_flops`), the same count on every backend."""
+    from jaxbench import train
 
-    Not of the compiled program: on GPU the compiled HLO hands convolutions to cuDNN custom
-    calls, which the cost analysis does not count (it reported ~0.01 GFLOP for TargetCNN), and
-    a multi-step call's loop body would be counted once.
-    """
-    try:
-        cost = trainer.one_step_lowered().cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        return float(cost["flops"]) / 1e9
-    except (AttributeError, KeyError, TypeError, IndexError):
-        return None
+    return train.step_flops(trainer.cfg) / 1e9
 
 
 def versions() -> dict:
@@ -274,8 +267,8 @@ def markdown(result: dict) -> str:
              f"time {unit}. `JAX / this` is JAX's time over this variant's: above 1 JAX is slower, "
              f"below 1 faster. `jax-xla-default` is the same JAX program compiled with XLA's "
              f"default options (`jax` uses the run's `perf.xla_cpu` choice, listed below the table). "
-             f"JAX model FLOP/s is XLA's cost analysis of the unoptimized one-step train program "
-             f"over its time, against a float32 {result.get('matmul_n', 2048)}-square matmul "
+             f"JAX model FLOP/s is the train step's convolution and matmul FLOPs (read off the "
+             f"traced program) over its time, against a float32 {result.get('matmul_n', 2048)}-square matmul "
              f"under JAX (default precision) in the same run (on CPU the fastest over XLA:CPU's "
              f"option sets): {result['matmul_peak_gflops']:.0f} GFLOP/s.", "",
              f"| experiment | variant | {unit} (s) | images/s | JAX / this | warm-up (s) |",
@@ -301,8 +294,9 @@ def markdown(result: dict) -> str:
     flops = [(exp, res) for exp, res in result["experiments"].items() if "jax_gflops" in res]
     if flops:
         peak, bf16_peak = result["matmul_peak_gflops"], result.get("matmul_peak_bf16_gflops")
-        lines += ["", "Model FLOP/s: the JAX variants' GFLOP per step (XLA's cost analysis of the "
-                  "unoptimized one-step program, the same for every variant) times steps over "
+        lines += ["", "Model FLOP/s: the JAX variants' GFLOP per step (convolutions and matmuls "
+                  "of the traced train step, padding taps included; the same for every variant) "
+                  "times steps over "
                   "their time; `jax` counts the whole epoch, `jax-step-only` the train step alone "
                   "on a device-resident batch. % of peak is against the float32 matmul above"
                   + (f" ({bf16_peak:.0f} GFLOP/s in bfloat16 for `jax-bf16`)" if bf16_peak

@@ -116,7 +116,8 @@ def protocol_of(summary: dict) -> str:
     if summary.get("epochs_completed", cfg["epochs"]) < cfg["epochs"]:
         diffs.append(f"stopped after {summary['epochs_completed']} of {cfg['epochs']} epochs")
     for key in PROTOCOL_KEYS:
-        value = cfg.get(key, defaults.get(key))
+        # dtype lives in the [perf] table of newer summaries, at the top level of older ones
+        value = cfg.get(key, cfg.get("perf", {}).get(key, defaults.get(key)))
         if key not in ref or value == ref[key]:
             continue
         if key == "epochs":

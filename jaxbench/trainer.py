@@ -163,15 +163,6 @@ class Trainer:
                 **self.perf.reasons, "xla_cpu": f"XLA rejected {options}; its default compile"})
         return time.perf_counter() - t0
 
-    def one_step_lowered(self) -> Any:
-        """The unoptimized program of one train step (for counting its FLOPs)."""
-        b = self.cfg.batch_size
-        shape = (len(self.seeds), 1, b) if self.stacked else (1, b)
-        return self.programs.train.lower(
-            self._per_call(self.init_state()), self._per_call(self.zero_sums()),
-            *self.images["train"],
-            self.shard(np.zeros(shape, np.int32)), jax.device_put(np.ones(1, bool), self.replicated))
-
     def train_epoch(self, state: TrainState, epoch: int, sums: Metrics | None = None,
                     start: int = 0, progress: Callable[[int], None] = lambda n: None,
                     stop: Callable[[], bool] = lambda: False) -> tuple[TrainState, Metrics, int]:

@@ -209,3 +209,17 @@ def test_a_folder_names_each_runs_commit_and_the_runs_that_shared_the_machine(tm
     assert report.main(["paper", str(tmp_path / "runs"), "--out", str(tmp_path / "b")]) == 0
     cells = row((tmp_path / "b" / "README.md").read_text(), "`fmnist_baseline`", "AMD EPYC")
     assert cells[7] == "— (machine shared with other work)"
+
+
+def test_a_bfloat16_run_is_its_own_protocol():
+    """Newer summaries keep dtype in the config's [perf] table: a bfloat16 run must not be
+    averaged into the float32 rows of Tables I/II."""
+    from jaxbench import paper
+
+    cfg = {"name": "fmnist_target", "dataset": "fashion_mnist", "model": "target",
+           "optimizer": "adam", "learning_rate": 0.001, "batch_size": 32, "epochs": 25,
+           "schedule": "constant", "image_size": 64, "train_limit": None, "eval_limit": None}
+    summary = {"experiment": "fmnist_target", "epochs_completed": 25}
+    assert paper.protocol_of(summary | {"config": cfg | {"perf": {"dtype": "float32"}}}) == ""
+    assert paper.protocol_of(summary | {"config": cfg | {"perf": {"dtype": "bfloat16"}}}) \
+        == "dtype bfloat16"
