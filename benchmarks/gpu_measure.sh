@@ -3,7 +3,7 @@
 # stage has its own time limit and writes its files as it goes, so a stage that runs out of time
 # costs only itself.
 #
-#   OUT=DIR DATA=DIR bash benchmarks/gpu_session.sh PART [PART ...]
+#   OUT=DIR DATA=DIR bash benchmarks/gpu_measure.sh PART [PART ...]
 #
 # PARTs, in the order they were run (each a separate call on one machine, so that the datasets
 # could arrive in pieces beside them):
