@@ -82,8 +82,7 @@ def summarize(events: list[dict], steps: int) -> dict:
         else:
             end = max(end, e)
     busy += end - start
-    wall = spans[-1][1] - spans[0][0]
-    wall = max(wall, max(e for _, e in spans) - spans[0][0])
+    wall = max(e for _, e in spans) - spans[0][0]
     by_name: dict[str, list[float]] = {}
     for e in events:
         by_name.setdefault(e["name"], []).append(float(e.get("dur", 0)))
@@ -120,18 +119,21 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax
 
-    from jaxbench import cli, config, data
+    from jaxbench import cli, config, data, perf
 
     cli.enable_compile_cache()
-    cfg = config.load(args.exp).replace(dtype=args.dtype, steps_per_call=args.steps_per_call)
-    probe = cli.make_trainer("jax", cfg.replace(train_limit=cfg.batch_size, eval_limit=cfg.batch_size),
-                             *data.load_arrays(args.arrays, cfg.replace(train_limit=cfg.batch_size,
-                                                                        eval_limit=cfg.batch_size)),
-                             "none", None)
-    k = probe.perf.steps_per_call
-    limit = args.calls * k * cfg.batch_size  # one epoch = exactly --calls calls
-    cfg = cfg.replace(train_limit=limit, eval_limit=cfg.batch_size)
-    trainer = cli.make_trainer("jax", cfg, *data.load_arrays(args.arrays, cfg), "none", None)
+    try:
+        cfg = config.load(args.exp).replace(dtype=args.dtype, steps_per_call=args.steps_per_call)
+        # The run's steps per call (only that is read: the XLA:CPU check is skipped here).
+        k = perf.resolve(cfg.perf, jax.default_backend(), cfg.model, cfg.num_classes,
+                         cfg.batch_size, cfg.image_size,
+                         choose=lambda *_: ("default", None)).steps_per_call
+        cfg = cfg.replace(train_limit=args.calls * k * cfg.batch_size,  # an epoch = --calls calls
+                          eval_limit=cfg.batch_size)
+        split = data.load_arrays(args.arrays, cfg)
+    except (config.ConfigError, data.DataError) as err:
+        return cli.fail(str(err))
+    trainer = cli.make_trainer("jax", cfg, *split, "none", None)
     state = trainer.init_state()
     compile_s = trainer.compile(state)
     state, _, _ = trainer.train_epoch(state, 0)  # warm-up: autotuning, caches

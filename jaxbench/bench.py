@@ -31,8 +31,8 @@ from jaxbench.config import ConfigError
 
 
 VARIANTS = {"jax": ("jax", "none"), "jax-xla-default": ("jax", "none"),
-            "jax-step-only": ("jax", "none"), "jax-bf16": ("jax", "none"), "jax-seeds3": ("jax", "none"),
-            "jax-seeds3-vmap": ("jax", "none"),
+            "jax-step-only": ("jax", "none"), "jax-bf16": ("jax", "none"),
+            "jax-seeds3": ("jax", "none"), "jax-seeds3-vmap": ("jax", "none"),
             "torch-eager": ("torch", "none"),
             "torch-compile": ("torch", "default"), "torch-reduce-overhead": ("torch", "reduce-overhead"),
             "torch-best": ("torch", "best")}
@@ -49,10 +49,10 @@ def variants(cuda: bool, only: Sequence[str] | None = None) -> list[tuple[str, s
     compiled with XLA's default options, `perf.xla_cpu = "default"`: the before/after of the
     run's compile choice in one run) exists only where JAX runs on CPU. jax-step-only
     (`StepOnly`) measures the input side. jax-bf16 is the same experiment with `--dtype
-    bfloat16` (skipped when the run is bfloat16 already). JAX always runs: ratios are against it. jax-seeds3 trains seeds 0, 1, 2 as one seed group
-    (`--seeds`, the run's `perf.seed_group`), jax-seeds3-vmap the same group vmapped; their
-    times are per seed (the group's time / 3), and `group_over_one` is the group's epoch over
-    one seed's.
+    bfloat16` (skipped when the run is bfloat16 already). JAX always runs: ratios are against
+    it. jax-seeds3 trains seeds 0, 1, 2 as one seed group (`--seeds`, the run's
+    `perf.seed_group`), jax-seeds3-vmap the same group vmapped; their times are per seed (the
+    group's time / 3), and `group_over_one` is the group's epoch over one seed's.
     """
     import jax
 
@@ -92,10 +92,9 @@ def matmul_peak_gflops(n: int | None = None, repeats: int = 10, dtype: str = "fl
 
     float32 at JAX's default precision, which is what the models run (on NVIDIA GPUs since
     Ampere XLA runs it on TF32 tensor cores; on CPU it is float32); `matmul_size()` by default.
-    The best over every
-    XLA:CPU option set (`perf.XLA_CPU_OPTIONS`; one compile elsewhere): they pick different
-    matmul kernels, and a yardstick below what the machine can do would flatter the model's share
-    of it.
+    The best over every XLA:CPU option set (`perf.XLA_CPU_OPTIONS`; one compile elsewhere): they
+    pick different matmul kernels, and a yardstick below what the machine can do would flatter
+    the model's share of it.
     """
     import jax
     import jax.numpy as jnp
@@ -237,20 +236,17 @@ def bench_experiment(cfg, train, test, repeats: int, epochs_per_repeat: int, cud
         rows[label]["seed_group"] = trainers[label].perf.seed_group
     for label, row in rows.items():
         row["jax_over_this"] = rows["jax"]["median_s"] / row["median_s"]
-    gflop = step_gflop(trainers["jax"])
+    gflop, steps = step_gflop(trainers["jax"]), images / cfg.batch_size
+    for label, row in rows.items():
+        if label.startswith("jax") and label not in GROUPED:
+            row["gflops"] = gflop * steps / row["median_s"]
     out = {"images_per_repeat": images, "variants": rows,
-           "jax_perf": trainers["jax"].perf.to_dict()}
+           "jax_perf": trainers["jax"].perf.to_dict(), "jax_gflop_per_step": gflop,
+           "jax_gflops": rows["jax"]["gflops"]}
     if failed:
         out["failed"] = failed
     if "jax-step-only" in rows:
         out["input_share"] = 1 - rows["jax-step-only"]["median_s"] / rows["jax"]["median_s"]
-    if gflop:
-        steps = images / cfg.batch_size
-        out["jax_gflop_per_step"] = gflop
-        for label, row in rows.items():
-            if label.startswith("jax") and label not in GROUPED:
-                row["gflops"] = gflop * steps / row["median_s"]
-        out["jax_gflops"] = rows["jax"]["gflops"]
     return out
 
 
@@ -268,9 +264,10 @@ def markdown(result: dict) -> str:
              f"below 1 faster. `jax-xla-default` is the same JAX program compiled with XLA's "
              f"default options (`jax` uses the run's `perf.xla_cpu` choice, listed below the table). "
              f"JAX model FLOP/s is the train step's convolution and matmul FLOPs (read off the "
-             f"traced program) over its time, against a float32 {result.get('matmul_n', 2048)}-square matmul "
-             f"under JAX (default precision) in the same run (on CPU the fastest over XLA:CPU's "
-             f"option sets): {result['matmul_peak_gflops']:.0f} GFLOP/s.", "",
+             f"traced program) over its time, against a float32 "
+             f"{result.get('matmul_n', 2048)}-square matmul under JAX (default precision) in the "
+             f"same run (on CPU the fastest over XLA:CPU's option sets): "
+             f"{result['matmul_peak_gflops']:.0f} GFLOP/s.", "",
              f"| experiment | variant | {unit} (s) | images/s | JAX / this | warm-up (s) |",
              "|---|---|---:|---:|---:|---:|"]
     for exp, res in result["experiments"].items():

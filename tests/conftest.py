@@ -24,7 +24,7 @@ def run_folder(tmp_path_factory, name: str) -> Path:
     return path
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="package", autouse=True)
 def compile_cache(tmp_path_factory):
     """One XLA compilation cache for the test run, in-process and in every `jaxbench.run`
     subprocess, shared by the xdist workers: the many tests that compile the same small programs
@@ -43,7 +43,7 @@ def compile_cache(tmp_path_factory):
         os.environ["JAXBENCH_COMPILE_CACHE"] = old
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def fmnist_tfds_dir(tmp_path_factory) -> Path:
     """A tfds data_dir with the real Fashion-MNIST prepared offline from ../shared/data."""
     if not (FMNIST_FILES / "train-images-idx3-ubyte.gz").is_file():
