@@ -16,12 +16,16 @@
 #   fmnist16  Fashion-MNIST 25 epochs in bfloat16, seed 0 of both models (accuracy cost of bf16).
 #   tiny      Tiny ImageNet 25 epochs, tiny_target seed 0, float32 (the paper's Table II), then
 #             what time is left: XLA GPU flag variants of the tiny_target step.
+#   seeds     tiny_target seeds 1 and 2, as `tiny` ran seed 0 (Table II's spread).
+#   before    before vs after on one machine: the JAX tiny_target step of the source tree in
+#             $BEFORE (an earlier commit: git archive COMMIT jaxbench | tar -x -C DIR) and of this
+#             tree, alternated twice, one process each, then a trace of this tree's step.
 # BUDGET_S caps the whole call (later stages get what is left, or are skipped).
 # DATA holds fashion-mnist/ (the four official files) and, for `tiny`, tin/ (the two archives).
 # Runs from a source checkout with no TensorFlow (the readers in jaxbench/datasets/files.py).
 set -u
 OUT=${OUT:?set OUT}; DATA=${DATA:?set DATA}
-W=${WORK:-/tmp/jb}
+W=$(realpath -m "${WORK:-/tmp/jb}")
 RES=$W/results  # everything measured; $OUT gets a tarball of it and the log after every stage
 mkdir -p "$OUT" "$W" "$RES"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 JAXBENCH_COMPILE_CACHE=$W/xla-cache \
@@ -105,6 +109,27 @@ for part in "$@"; do
       stage "flags $flags" 45 env XLA_FLAGS="$flags" python3 -m jaxbench.bench --exp $target \
         --steps $steps --repeats 3 --variants jax --arrays "$W/tiny_synth.npz" --out "$RES/flags-$tag"
     done
+    ;;
+  seeds)
+    for seed in 1 2; do
+      stage "$target seed $seed" 200 python3 -m jaxbench.run --exp $target --seed $seed $epochs \
+        --manual-dir "$DATA/tin" --run-dir "$RES/runs/${target}_seed$seed" \
+        --checkpoint-dir "$W/checkpoints/${target}_seed$seed"
+    done
+    ;;
+  before)
+    [ -d "${BEFORE:-}/jaxbench" ] || { log "before: skipped (BEFORE holds no jaxbench/)"; continue; }
+    synth
+    for round in 1 2; do
+      for tree in before after; do
+        src=$PWD; [ $tree = before ] && src=$(cd "$BEFORE" && pwd)
+        stage "$tree round $round" 60 env -C "$src" PYTHONPATH="$src" python3 -m jaxbench.bench \
+          --exp $target --steps $steps --repeats 3 --variants jax --arrays "$W/tiny_synth.npz" \
+          --out "$RES/$tree-$round"
+      done
+    done
+    stage "trace-after" 40 python3 benchmarks/gpu_trace.py --exp $target --dtype float32 \
+      --arrays "$W/tiny_synth.npz" --calls $calls --out "$RES/trace-after"
     ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
   esac

@@ -138,9 +138,8 @@ class StepOnly:
     """The JAX train step alone, repeated on one preprocessed batch that stays on the device.
 
     The same number of steps as a `Trainer` epoch, in calls of the trainer's steps per call (a
-    scan over the step, as the trainer's), without the per-step gather, resize and
-    normalization, the index transfer, the padding-step condition and the host loop's
-    bookkeeping: an epoch with a free input side. 1 - (its time / the jax variant's) is the input
+    scan over the step, as the trainer's, the epoch's tail its own call), without the per-step
+    gather, resize and normalization, the index transfer and the host loop's bookkeeping: an epoch with a free input side. 1 - (its time / the jax variant's) is the input
     side's share of epoch time.
     """
 

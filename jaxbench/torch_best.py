@@ -12,7 +12,11 @@ step runs:
 - gather, preprocessing, forward and loss compiled as one graph with `torch.compile`
   (`max-autotune` on CUDA, whose CUDA graphs also remove the per-kernel launch cost; the default
   mode on CPU, where max-autotune only lengthens the compile); the backward pass is compiled by
-  the same call (AOTAutograd);
+  the same call (AOTAutograd). Its autotuning picks matmul kernels among cuBLAS and Triton and
+  convolutions among cuDNN's algorithms (`cudnn.benchmark`), not Triton's convolution templates:
+  on an H200 those ran 3-7x slower than cuDNN on every convolution of these models and lost
+  every time, after 115-150+ s of autotuning per experiment
+  (results/speed/2026-11-27-907150c-nvidia-h200/);
 - the epoch's index array uploaded once per epoch, not once per step.
 """
 
@@ -26,6 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from jaxbench.torch_twin import State, Trainer, build, preprocess
+
+# max-autotune's candidates for convolutions: ATen's (cuDNN's, which cudnn.benchmark tunes) only.
+CONV_BACKENDS = "ATEN"
 
 
 class BestTrainer(Trainer):
@@ -63,16 +70,23 @@ class BestTrainer(Trainer):
 
     @contextlib.contextmanager
     def _backend_flags(self) -> Iterator[None]:
-        """cudnn.benchmark and TF32 while this trainer runs, restored after: they are global in
-        PyTorch, and the benchmark runs the plain twin in the same process."""
+        """cudnn.benchmark, TF32 and the convolution autotuning choice while this trainer runs,
+        restored after: they are global in PyTorch, and the benchmark runs the plain twin in the
+        same process."""
         flags = (torch.backends.cudnn, "benchmark"), (torch.backends.cudnn, "allow_tf32"), \
             (torch.backends.cuda.matmul, "allow_tf32")
         before = [getattr(obj, name) for obj, name in flags]
         if self.cuda:
             for obj, name in flags:
                 setattr(obj, name, True)
+        inductor = contextlib.nullcontext()
+        if self.cuda:
+            from torch._inductor import config as inductor_config
+
+            inductor = inductor_config.patch(max_autotune_conv_backends=CONV_BACKENDS)
         try:
-            yield
+            with inductor:
+                yield
         finally:
             for (obj, name), value in zip(flags, before):
                 setattr(obj, name, value)
@@ -114,6 +128,7 @@ class BestTrainer(Trainer):
         return {"torch_compile": "best", "torch_device": self.device,
                 "torch_best": {"memory_format": "channels_last", "fused_optimizer": True,
                                "inductor_mode": self.inductor_mode,
+                               "conv_autotune": CONV_BACKENDS if self.cuda else None,
                                "cudnn_benchmark": bool(self.cuda),
                                "tf32": bool(self.cuda), "lr": "device tensor",
                                "indices": "uploaded once per epoch"}}

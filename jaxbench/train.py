@@ -170,10 +170,10 @@ class Steps:
     """The jitted multi-step functions for one experiment, closed over normalization constants.
 
     For a seed group, state and metrics carry a leading seed axis and so does `idx` of `train`
-    (each seed its own data order); images, labels, `valid` and the eval batches are shared.
+    (each seed its own data order); images, labels and the eval batches are shared.
     """
 
-    train: Callable  # (state, metrics, images, labels, idx[(S,)K,B], valid[K]) -> (state, metrics)
+    train: Callable  # (state, metrics, images, labels, idx[(S,)K,B]) -> (state, metrics)
     evaluate: Callable  # (state, metrics, images, labels, idx[K,B], mask[K,B]) -> metrics
 
 
@@ -193,21 +193,17 @@ def make_steps(mean: np.ndarray, std: np.ndarray, size: int, group: str | None =
         _, (logits, losses, _) = loss_and_logits(state, state.params, x, y, train=False)
         return add(metrics, batch_metrics(logits, losses, y, mask))
 
-    def train_many(state, metrics, images, labels, idx, valid):
-        if idx.shape[0] == 1:  # no loop, no padding: the CPU path
+    def train_many(state, metrics, images, labels, idx):
+        if idx.shape[0] == 1:  # no loop: the CPU path
             return train_one(state, metrics, images, labels, idx[0])
 
-        def body(carry, xs):
-            state, metrics = carry
-            batch_idx, ok = xs
+        # Every step of the scan is a real one: an epoch's tail that does not fill a call runs
+        # as its own, shorter, compiled call (`trainer.Trainer`). No padding steps, so no
+        # `lax.cond` to skip them: on a GPU its predicate cost a device-to-host copy per step.
+        def body(carry, batch_idx):
+            return train_one(*carry, images, labels, batch_idx), None
 
-            def step(carry):
-                return train_one(*carry, images, labels, batch_idx)
-
-            # Padding steps (the tail of an epoch that does not fill a call) change nothing.
-            return jax.lax.cond(ok, step, lambda c: c, (state, metrics)), None
-
-        (state, metrics), _ = jax.lax.scan(body, (state, metrics), (idx, valid))
+        (state, metrics), _ = jax.lax.scan(body, (state, metrics), idx)
         return state, metrics
 
     def eval_many(state, metrics, images, labels, idx, mask):
@@ -222,7 +218,7 @@ def make_steps(mean: np.ndarray, std: np.ndarray, size: int, group: str | None =
 
     if group:  # one program, S models
         over = jax.vmap if group == "vmap" else unrolled
-        train_many = over(train_many, in_axes=(0, 0, None, None, 0, None))
+        train_many = over(train_many, in_axes=(0, 0, None, None, 0))
         eval_many = over(eval_many, in_axes=(0, 0, None, None, None, None))
     return Steps(train=jax.jit(train_many, donate_argnums=(0, 1)),
                  evaluate=jax.jit(eval_many, donate_argnums=(1,)))
@@ -243,15 +239,16 @@ def unrolled(fn: Callable, in_axes: tuple) -> Callable:
     return run
 
 
-def chunks(k: int, *arrays: np.ndarray) -> Iterator[tuple[int, list[np.ndarray]]]:
-    """Split step-major arrays into calls of exactly k steps, zero-padding the last call.
+def chunks(k: int, *arrays: np.ndarray, pad: bool = True) -> Iterator[tuple[int, list[np.ndarray]]]:
+    """Split step-major arrays into calls of k steps; yields (real steps, arrays).
 
-    Yields (real steps in this call, padded arrays); one static shape means one compilation.
+    With `pad` the last call is zero-padded to k steps (one static shape, one compilation: the
+    eval batches, whose padding a mask zeroes); without, it is shorter (the train steps).
     """
     for start in range(0, len(arrays[0]), k):
         parts = [a[start:start + k] for a in arrays]
         n = len(parts[0])
-        if n < k:
+        if pad and n < k:
             parts = [np.concatenate([p, np.zeros((k - n, *p.shape[1:]), p.dtype)]) for p in parts]
         yield n, parts
 

@@ -64,7 +64,8 @@ class Trainer:
         self.images = {"train": (put(train.images), put(train.labels)),
                        "eval": (put(test.images), put(test.labels))}
         self.eval_idx, self.eval_mask = data.eval_order(self.eval_size, cfg.batch_size)
-        self.train_fn = self.eval_fn = None  # compiled by `compile`
+        self.train_fns: dict[int, Any] = {}  # steps in the call -> compiled call (`compile`)
+        self.eval_fn = None
         self.compile_time_s = 0.0
         self.use(distributed.agree_perf(perf.resolve(
             cfg.perf, jax.default_backend(), cfg.model, cfg.num_classes,
@@ -146,22 +147,35 @@ class Trainer:
         return self.member(tree, 0) if self.looped else tree
 
     def compile(self, state: TrainState) -> float:
-        """Compile both steps ahead of time with the run's XLA options; return the seconds taken."""
+        """Compile the steps ahead of time with the run's XLA options; return the seconds taken.
+
+        Train calls come in two lengths: the run's steps per call and, where the epoch does not
+        divide into them, the epoch's tail (as many steps as are left over).
+        """
         t0 = time.perf_counter()
-        b, k, ek = self.cfg.batch_size, self.steps_per_call, self.eval_steps_per_call
+        b, ek = self.cfg.batch_size, self.eval_steps_per_call
         options = self.perf.compiler_options
-        idx = self.shard(np.zeros((len(self.seeds), k, b) if self.stacked else (k, b), np.int32))
-        valid = jax.device_put(np.ones(k, bool), self.replicated)
-        state = self._per_call(state)
-        self.train_fn, used = perf.compile_lowered(self.programs.train.lower(
-            state, self._per_call(self.zero_sums()), *self.images["train"], idx, valid), options)
+        k = self.steps_per_call
+        self.train_fns = {}
+        used = self._lower_train(k, state)
+        if self.steps_per_epoch % k:
+            self._lower_train(self.steps_per_epoch % k, state)
         self.eval_fn, _ = perf.compile_lowered(self.programs.evaluate.lower(
-            state, self._per_call(self.eval_zero()), *self.images["eval"],
+            self._per_call(state), self._per_call(self.eval_zero()), *self.images["eval"],
             self.shard(np.zeros((ek, b), np.int32)), self.shard(np.ones((ek, b), bool))), options)
         if used != options:  # XLA rejected the options: record the compile that really ran
             self.perf = dataclasses.replace(self.perf, xla_cpu="default", reasons={
                 **self.perf.reasons, "xla_cpu": f"XLA rejected {options}; its default compile"})
         return time.perf_counter() - t0
+
+    def _lower_train(self, n: int, state: TrainState) -> dict[str, str]:
+        """Compile the train call of n steps; return the XLA options it really used."""
+        shape = (len(self.seeds), n, self.cfg.batch_size) if self.stacked else (
+            n, self.cfg.batch_size)
+        self.train_fns[n], used = perf.compile_lowered(self.programs.train.lower(
+            self._per_call(state), self._per_call(self.zero_sums()), *self.images["train"],
+            self.shard(np.zeros(shape, np.int32))), self.perf.compiler_options)
+        return used
 
     def train_epoch(self, state: TrainState, epoch: int, sums: Metrics | None = None,
                     start: int = 0, progress: Callable[[int], None] = lambda n: None,
@@ -180,18 +194,21 @@ class Trainer:
         # while XLA runs the current one (async dispatch). A sync is the NaN check and the
         # progress update; `first_bad_step` names the exact step whenever it is looked at.
         sync_every = max(1, 32 // k)
-        for call, (n, (idx,)) in enumerate(chunks(k, order[start:]), 1):
+        for call, (n, (idx,)) in enumerate(chunks(k, order[start:], pad=False), 1):
             if stop():
                 break
-            valid = jax.device_put(np.arange(k) < n, self.replicated)
+            if n not in self.train_fns:  # a tail met only after a resume mid-epoch
+                t0 = time.perf_counter()
+                self._lower_train(n, state)
+                self.compile_time_s += time.perf_counter() - t0
+            step = self.train_fns[n]
             idx = idx.transpose(1, 0, 2) if self.grouped else idx[:, 0]
             if self.looped:
                 state, sums = map(list, zip(*(
-                    self.train_fn(s, m, *self.images["train"], self.shard(i), valid)
+                    step(s, m, *self.images["train"], self.shard(i))
                     for s, m, i in zip(state, sums, idx))))
             else:
-                state, sums = self.train_fn(state, sums, *self.images["train"], self.shard(idx),
-                                            valid)
+                state, sums = step(state, sums, *self.images["train"], self.shard(idx))
             done += n
             pending += n
             if call % sync_every == 0:

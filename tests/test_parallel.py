@@ -21,43 +21,42 @@ from jaxbench.trainer import Trainer
 
 assert jax.device_count() == 2, jax.devices()
 out = {}
-for name, cfg, n_train in [
-    # One step: the loss, the update and the BatchNorm running statistics themselves. Plain SGD,
-    # whose update is -lr * g: Adam's first step is lr * sign(g), which flips on float noise
-    # wherever a gradient entry is ~0 and would hide how closely the gradients agree.
-    # XLA's default compile throughout: this test is about the mesh, not the compile choice.
-# 32x32 images: the mesh does not care, and TargetCNN's steps cost a quarter of 64x64's.
-    ("step", config.load("fmnist_target").replace(epochs=1, batch_size=16, optimizer="sgd",
-                                                  learning_rate=0.1, xla_cpu="default",
-                                                  image_size=32), 16),
-    # A trajectory: 2 epochs of 6 steps, SGD with momentum and the cosine schedule.
-    ("run", config.load("fmnist_target").replace(epochs=2, batch_size=16, optimizer="sgd",
-                                                 learning_rate=0.01, schedule="cosine",
-                                                 xla_cpu="default", image_size=32), 96),
-]:
-    for n in (1, 2):
-        t = Trainer(cfg, synthetic_split(n_train), synthetic_split(40, seed=1),
-                    devices=jax.devices()[:n])
-        state = t.init_state()
-        start = [fetch(x).ravel()[:64] for x in jax.tree.leaves(state.params)]
-        t.compile(state)
-        losses = []
-        for epoch in range(1, cfg.epochs + 1):
-            state, sums, _ = t.train_epoch(state, epoch)
-            losses += [t.summarize(sums)[0]["loss"], t.evaluate(state)[0]["loss"]]
-        out[f"{name}{n}"] = {
-            "losses": losses,
-            "stats": [fetch(x).tolist() for x in jax.tree.leaves(state.batch_stats)][:4],
-            "updates": [(fetch(x).ravel()[:64] - p0).tolist()
-                        for x, p0 in zip(jax.tree.leaves(state.params), start)],
-            "sharding": str(state.params["Conv_0"]["kernel"].sharding.spec),
-            "devices": len(state.params["Conv_0"]["kernel"].sharding.device_set)}
+# SGD with momentum and the cosine schedule, XLA's default compile (this test is about the mesh,
+# not the compile choice), 32x32 images (the mesh does not care; a quarter of 64x64's cost).
+cfg = config.load("fmnist_target").replace(epochs=2, batch_size=16, optimizer="sgd",
+                                           learning_rate=0.01, schedule="cosine",
+                                           xla_cpu="default", image_size=32)
+for n in (1, 2):
+    t = Trainer(cfg, synthetic_split(96), synthetic_split(40, seed=1), devices=jax.devices()[:n])
+    t.compile(t.init_state())
+    # One step: the loss, the update and the BatchNorm running statistics themselves. The first
+    # step of SGD with momentum is plain SGD's, -lr * g (Adam's first step is lr * sign(g),
+    # which flips on float noise wherever a gradient entry is ~0 and would hide how closely the
+    # gradients agree).
+    state = t.init_state()
+    start = [fetch(x).ravel()[:64] for x in jax.tree.leaves(state.params)]
+    calls = iter(range(2))
+    state, sums, done = t.train_epoch(state, 1, stop=lambda: next(calls) > 0)
+    assert done == 1
+    out[f"step{n}"] = {
+        "losses": [t.summarize(sums)[0]["loss"], t.evaluate(state)[0]["loss"]],
+        "stats": [fetch(x).tolist() for x in jax.tree.leaves(state.batch_stats)][:4],
+        "updates": [(fetch(x).ravel()[:64] - p0).tolist()
+                    for x, p0 in zip(jax.tree.leaves(state.params), start)],
+        "sharding": str(state.params["Conv_0"]["kernel"].sharding.spec),
+        "devices": len(state.params["Conv_0"]["kernel"].sharding.device_set)}
+    # A trajectory: 2 epochs of 6 steps, from the same start, with the same compiled step.
+    state, losses = t.init_state(), []
+    for epoch in range(1, cfg.epochs + 1):
+        state, sums, _ = t.train_epoch(state, epoch)
+        losses += [t.summarize(sums)[0]["loss"], t.evaluate(state)[0]["loss"]]
+    out[f"run{n}"] = {"losses": losses}
 # A seed group on a mesh, looped (a list of states; the CPU default) and vmapped (a leading seed
 # axis, independent of the batch-sharded device axis; the accelerator default). BaselineCNN to keep
 # it short: tests/test_seeds.py checks TargetCNN groups seed by seed.
 cfg = config.load("fmnist_baseline").replace(epochs=2, batch_size=16, optimizer="sgd",
                                              learning_rate=0.01, schedule="cosine",
-                                             xla_cpu="default")
+                                             xla_cpu="default", image_size=32)
 for n, group in ((1, "loop"), (2, "loop"), (1, "vmap"), (2, "vmap")):
     t = Trainer(cfg.replace(seed_group=group), synthetic_split(96), synthetic_split(40, seed=1),
                 devices=jax.devices()[:n], seeds=(0, 1))

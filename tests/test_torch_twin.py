@@ -172,19 +172,21 @@ def test_torch_best_computes_what_the_twin_computes(exp):
 
 
 def test_torch_best_sets_its_global_flags_only_while_it_runs():
-    """cudnn.benchmark and TF32 are process-wide in PyTorch: torch-best turns them on (on CUDA)
-    around its own calls and restores them, so the plain twin in the same benchmark process
-    keeps float32 convolutions and matmuls."""
+    """cudnn.benchmark, TF32 and Inductor's autotuning candidates are process-wide in PyTorch:
+    torch-best sets them (on CUDA) around its own calls and restores them, so the plain twin in
+    the same benchmark process keeps float32 convolutions and matmuls."""
     import torch
+    from torch._inductor import config as inductor_config
 
     from jaxbench.torch_best import BestTrainer
 
     flags = lambda: (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
-                     torch.backends.cuda.matmul.allow_tf32)
+                     torch.backends.cuda.matmul.allow_tf32,
+                     inductor_config.max_autotune_conv_backends)
     torch.backends.cudnn.benchmark = torch.backends.cuda.matmul.allow_tf32 = False
     before = flags()
     best = BestTrainer(config.load("fmnist_baseline"), synthetic_split(32), synthetic_split(8))
     best.cuda = True  # what it would do on a GPU; here only the switching is checked
     with best._backend_flags():
-        assert flags() == (True, True, True)
-    assert flags() == before
+        assert flags() == (True, True, True, "ATEN")  # convolutions: cuDNN's algorithms only
+    assert flags() == before and "TRITON" in before[-1]
