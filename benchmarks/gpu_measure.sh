@@ -18,8 +18,9 @@
 #             what time is left: XLA GPU flag variants of the tiny_target step.
 #   seeds     tiny_target seeds 1 and 2, as `tiny` ran seed 0 (Table II's spread).
 #   before    before vs after on one machine: the JAX tiny_target step of the source tree in
-#             $BEFORE (an earlier commit: git archive COMMIT jaxbench | tar -x -C DIR) and of this
-#             tree, alternated twice, one process each, then a trace of this tree's step.
+#             $BEFORE (an earlier commit: git archive COMMIT jaxbench experiments | tar -x -C DIR)
+#             and of this tree, alternated twice, one process each, then a trace of this tree's
+#             step.
 # BUDGET_S caps the whole call (later stages get what is left, or are skipped).
 # DATA holds fashion-mnist/ (the four official files) and, for `tiny`, tin/ (the two archives).
 # Runs from a source checkout with no TensorFlow (the readers in jaxbench/datasets/files.py).
@@ -118,7 +119,9 @@ for part in "$@"; do
     done
     ;;
   before)
-    [ -d "${BEFORE:-}/jaxbench" ] || { log "before: skipped (BEFORE holds no jaxbench/)"; continue; }
+    if [ ! -d "${BEFORE:-}/jaxbench" ] || [ ! -d "$BEFORE/experiments" ]; then
+      log "before: skipped (BEFORE holds no jaxbench/ and experiments/)"; continue
+    fi
     synth
     for round in 1 2; do
       for tree in before after; do
