@@ -139,8 +139,9 @@ class StepOnly:
 
     The same number of steps as a `Trainer` epoch, in calls of the trainer's steps per call (a
     scan over the step, as the trainer's, the epoch's tail its own call), without the per-step
-    gather, resize and normalization, the index transfer and the host loop's bookkeeping: an epoch with a free input side. 1 - (its time / the jax variant's) is the input
-    side's share of epoch time.
+    gather, resize and normalization, the index transfer and the host loop's bookkeeping: an
+    epoch with a free input side. 1 - (its time / the jax variant's) is the input side's share
+    of epoch time.
     """
 
     def __init__(self, trainer):

@@ -239,7 +239,8 @@ def unrolled(fn: Callable, in_axes: tuple) -> Callable:
     return run
 
 
-def chunks(k: int, *arrays: np.ndarray, pad: bool = True) -> Iterator[tuple[int, list[np.ndarray]]]:
+def chunks(k: int, *arrays: np.ndarray,
+           pad: bool = True) -> Iterator[tuple[int, list[np.ndarray]]]:
     """Split step-major arrays into calls of k steps; yields (real steps, arrays).
 
     With `pad` the last call is zero-padded to k steps (one static shape, one compilation: the

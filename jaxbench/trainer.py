@@ -154,21 +154,20 @@ class Trainer:
         """
         t0 = time.perf_counter()
         b, ek = self.cfg.batch_size, self.eval_steps_per_call
-        options = self.perf.compiler_options
-        k = self.steps_per_call
+        options, k = self.perf.compiler_options, self.steps_per_call
         self.train_fns = {}
-        used = self._lower_train(k, state)
-        if self.steps_per_epoch % k:
-            self._lower_train(self.steps_per_epoch % k, state)
-        self.eval_fn, _ = perf.compile_lowered(self.programs.evaluate.lower(
-            self._per_call(state), self._per_call(self.eval_zero()), *self.images["eval"],
-            self.shard(np.zeros((ek, b), np.int32)), self.shard(np.ones((ek, b), bool))), options)
-        if used != options:  # XLA rejected the options: record the compile that really ran
+        if self._compile_train(k, state) != options:  # XLA rejected them: record what ran
             self.perf = dataclasses.replace(self.perf, xla_cpu="default", reasons={
                 **self.perf.reasons, "xla_cpu": f"XLA rejected {options}; its default compile"})
+        if self.steps_per_epoch % k:
+            self._compile_train(self.steps_per_epoch % k, state)
+        self.eval_fn, _ = perf.compile_lowered(self.programs.evaluate.lower(
+            self._per_call(state), self._per_call(self.eval_zero()), *self.images["eval"],
+            self.shard(np.zeros((ek, b), np.int32)), self.shard(np.ones((ek, b), bool))),
+            self.perf.compiler_options)
         return time.perf_counter() - t0
 
-    def _lower_train(self, n: int, state: TrainState) -> dict[str, str]:
+    def _compile_train(self, n: int, state: TrainState) -> dict[str, str]:
         """Compile the train call of n steps; return the XLA options it really used."""
         shape = (len(self.seeds), n, self.cfg.batch_size) if self.stacked else (
             n, self.cfg.batch_size)
@@ -199,7 +198,7 @@ class Trainer:
                 break
             if n not in self.train_fns:  # a tail met only after a resume mid-epoch
                 t0 = time.perf_counter()
-                self._lower_train(n, state)
+                self._compile_train(n, state)
                 self.compile_time_s += time.perf_counter() - t0
             step = self.train_fns[n]
             idx = idx.transpose(1, 0, 2) if self.grouped else idx[:, 0]

@@ -130,6 +130,24 @@ def test_a_run_records_its_compile_and_a_resume_reuses_it():
     assert len(calls) == 1  # no self-check off CPU
 
 
+def test_options_xla_rejects_fall_back_to_its_default_compile(monkeypatch):
+    """An XLA without an option set's flags compiles every call with its defaults (one warning,
+    no failed run) and the run records the compile that really ran."""
+    from conftest import synthetic_split
+    from jaxbench import config
+    from jaxbench.trainer import Trainer
+
+    monkeypatch.setitem(perf.XLA_CPU_OPTIONS, "ynn-off", {"xla_no_such_option": "1"})
+    cfg = config.load("fmnist_baseline").replace(batch_size=16, steps_per_call=3,
+                                                 xla_cpu="ynn-off", image_size=32)
+    trainer = Trainer(cfg, synthetic_split(64), synthetic_split(16, seed=1))  # 4 steps: 3 + 1
+    with pytest.warns(UserWarning, match="XLA rejected") as caught:
+        trainer.compile(trainer.init_state())
+    assert len(caught) == 1 and sorted(trainer.train_fns) == [1, 3]  # the tail asks no more
+    assert trainer.perf.xla_cpu == "default" and trainer.perf.compiler_options == {}
+    assert "rejected" in trainer.record()["perf"]["reasons"]["xla_cpu"]
+
+
 @pytest.mark.parametrize("batch, strides, padding", [
     (4, (1, 1), "SAME"), (4, (1, 1), ((2, 0), (1, 1))), (4, (1, 1), "VALID"),
     (3, (1, 1), "SAME"),
