@@ -20,11 +20,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Mapping
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from jaxbench import models, paper
+from jaxbench import paper
 
 
 def leaf_layers(model, size: int = 64) -> list[tuple[str, dict]]:
@@ -35,6 +33,8 @@ def leaf_layers(model, size: int = 64) -> list[tuple[str, dict]]:
     the names.
     """
     import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
 
     order: list[str] = []
 
@@ -77,6 +77,8 @@ def layer_rows(model, size: int = 64) -> list[tuple[str, str, int]]:
 
 
 def model_table(name: str, classes: int) -> str:
+    from jaxbench import models
+
     model = models.build(name, classes)
     rows = layer_rows(model)
     lines = [f"**{type(model).__name__}**, {classes} classes: {sum(r[2] for r in rows):,} parameters",
@@ -296,6 +298,10 @@ def main(argv: list[str] | None = None) -> int:
             for classes in (10, 200):
                 if args.full:
                     import flax.linen as nn
+                    import jax
+                    import jax.numpy as jnp
+
+                    from jaxbench import models
 
                     print(nn.tabulate(models.build(name, classes), jax.random.key(0))(
                         jnp.zeros((1, 64, 64, 3)), train=False))
