@@ -125,8 +125,8 @@ for part in "$@"; do
     synth
     for round in 1 2; do
       for tree in before after; do
-        src=$PWD; [ $tree = before ] && src=$(cd "$BEFORE" && pwd)
-        stage "$tree round $round" 60 env -C "$src" PYTHONPATH="$src" python3 -m jaxbench.bench \
+        src=$PWD; [ $tree = before ] && src=$(realpath "$BEFORE")
+        stage "$tree round $round" 90 env -C "$src" PYTHONPATH="$src" python3 -m jaxbench.bench \
           --exp $target --steps $steps --repeats 3 --variants jax --arrays "$W/tiny_synth.npz" \
           --out "$RES/$tree-$round"
       done

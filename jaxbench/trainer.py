@@ -67,6 +67,7 @@ class Trainer:
         self.train_fns: dict[int, Any] = {}  # steps in the call -> compiled call (`compile`)
         self.eval_fn = None
         self.compile_time_s = 0.0
+        self.resume_start = 0  # the step of its epoch a resumed run starts at (`adopt`)
         self.use(distributed.agree_perf(perf.resolve(
             cfg.perf, jax.default_backend(), cfg.model, cfg.num_classes,
             cfg.batch_size // len(devices), cfg.image_size, perf_record)))
@@ -86,7 +87,9 @@ class Trainer:
                                     max(1, min(self.steps_per_call * 4, len(self.eval_idx))))
 
     def adopt(self, progress: dict) -> None:
-        """A resumed run compiles what the interrupted run compiled (its recorded decisions)."""
+        """A resumed run compiles what the interrupted run compiled (its recorded decisions),
+        and the call that finishes the epoch it resumes in."""
+        self.resume_start = int(progress.get("step_in_epoch", 0))
         if "perf" in progress:
             self.use(perf.resolve(self.cfg.perf, jax.default_backend(), self.cfg.model,
                                   self.cfg.num_classes, self.cfg.batch_size, self.cfg.image_size,
@@ -149,8 +152,10 @@ class Trainer:
     def compile(self, state: TrainState) -> float:
         """Compile the steps ahead of time with the run's XLA options; return the seconds taken.
 
-        Train calls come in two lengths: the run's steps per call and, where the epoch does not
-        divide into them, the epoch's tail (as many steps as are left over).
+        Train calls come in up to three lengths: the run's steps per call; where the epoch does
+        not divide into them, the epoch's tail (as many steps as are left over); and for a run
+        resumed mid-epoch, the tail of that epoch's rest. Compiled here, the epochs' timings
+        leave them out (a tail met later, an unforeseen resume, is compiled when met).
         """
         t0 = time.perf_counter()
         b, ek = self.cfg.batch_size, self.eval_steps_per_call
@@ -159,8 +164,9 @@ class Trainer:
         if self._compile_train(k, state) != options:  # XLA rejected them: record what ran
             self.perf = dataclasses.replace(self.perf, xla_cpu="default", reasons={
                 **self.perf.reasons, "xla_cpu": f"XLA rejected {options}; its default compile"})
-        if self.steps_per_epoch % k:
-            self._compile_train(self.steps_per_epoch % k, state)
+        for n in sorted({self.steps_per_epoch % k, (self.steps_per_epoch - self.resume_start) % k}
+                        - {0}):
+            self._compile_train(n, state)
         self.eval_fn, _ = perf.compile_lowered(self.programs.evaluate.lower(
             self._per_call(state), self._per_call(self.eval_zero()), *self.images["eval"],
             self.shard(np.zeros((ek, b), np.int32)), self.shard(np.ones((ek, b), bool))),

@@ -52,20 +52,29 @@ for n in (1, 2):
         losses += [t.summarize(sums)[0]["loss"], t.evaluate(state)[0]["loss"]]
     out[f"run{n}"] = {"losses": losses}
 # A seed group on a mesh, looped (a list of states; the CPU default) and vmapped (a leading seed
-# axis, independent of the batch-sharded device axis; the accelerator default). BaselineCNN to keep
-# it short: tests/test_seeds.py checks TargetCNN groups seed by seed.
+# axis, independent of the batch-sharded device axis; the accelerator default). On two devices
+# in calls of 4 steps, as on accelerators: 6 steps per epoch are a call of 4 and a tail of 2;
+# then epoch 3 resumed at its step 1, a call of 4 and a tail of 1 compiled when first met (on
+# one device one step per call: the number of steps per call does not change the numbers).
+# BaselineCNN to keep it short: tests/test_seeds.py checks TargetCNN groups seed by seed.
 cfg = config.load("fmnist_baseline").replace(epochs=2, batch_size=16, optimizer="sgd",
                                              learning_rate=0.01, schedule="cosine",
                                              xla_cpu="default", image_size=32)
 for n, group in ((1, "loop"), (2, "loop"), (1, "vmap"), (2, "vmap")):
-    t = Trainer(cfg.replace(seed_group=group), synthetic_split(96), synthetic_split(40, seed=1),
-                devices=jax.devices()[:n], seeds=(0, 1))
+    k = 1 if n == 1 else 4
+    t = Trainer(cfg.replace(seed_group=group, steps_per_call=k), synthetic_split(96),
+                synthetic_split(40, seed=1), devices=jax.devices()[:n], seeds=(0, 1))
     state = t.init_state()
     t.compile(state)
+    assert sorted(t.train_fns) == ([1] if k == 1 else [2, 4]), sorted(t.train_fns)
     losses = []
     for epoch in range(1, cfg.epochs + 1):
         state, sums, _ = t.train_epoch(state, epoch)
         losses += [m["loss"] for m in t.summarize(sums)] + [m["loss"] for m in t.evaluate(state)]
+    state, sums, done = t.train_epoch(state, 3, start=1)
+    assert done == 6 and sorted(t.train_fns) == ([1] if k == 1 else [1, 2, 4])
+    assert [m["count"] for m in t.summarize(sums)] == [5 * 16] * 2
+    losses += [m["loss"] for m in t.summarize(sums)]
     out[f"{group}{n}"] = {"losses": losses}
 print(json.dumps(out))
 """

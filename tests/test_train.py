@@ -42,18 +42,25 @@ def test_training_learns_and_eval_counts_every_example(tmp_path):
 def test_multi_step_calls_match_single_steps(tmp_path):
     """The scan path (accelerators' default) trains exactly like one step per call, an epoch's
     tail included: 320 // 16 = 20 steps, 3 per call leave a tail of 2, a call of its own. Then
-    an epoch resumed at its step 1: six calls of 3 and a tail of 1, compiled when first met."""
-    cfg = small(epochs=1)
+    an epoch resumed at its step 1: six calls of 3 and a tail of 1, compiled ahead with the
+    others once `adopt` has read the checkpoint's progress (tests/test_parallel.py has a tail
+    compiled when first met)."""
+    cfg = small(epochs=1, xla_cpu="default")
     results, compiled, params = [], [], []
     for k in (1, 3):
         trainer = Trainer(cfg.replace(steps_per_call=k), synthetic_split(320),
                           synthetic_split(50, seed=1))
         results.append(loop.fit(cfg, trainer, tmp_path / str(k)))
         compiled.append(sorted(trainer.train_fns))
+        trainer.adopt({"epoch": 0, "step_in_epoch": 1})
+        trainer.compile(trainer.init_state())
+        compiled.append(sorted(trainer.train_fns))
+        fns = dict(trainer.train_fns)
         state, sums, done = trainer.train_epoch(trainer.init_state(), 0, start=1)
         assert done == 20 and trainer.summarize(sums)[0]["count"] == 19 * 16
+        assert trainer.train_fns == fns  # nothing compiled inside the timed epoch
         params.append(trainer.param_leaves(state))
-    assert compiled == [[1], [2, 3]] and sorted(trainer.train_fns) == [1, 2, 3]
+    assert compiled == [[1], [1], [2, 3], [1, 2, 3]]
     np.testing.assert_allclose(results[0]["final_eval_loss"], results[1]["final_eval_loss"],
                                rtol=1e-4)
     for a, b in zip(*params):  # float32 summation order apart (XLA fuses a scan body its own way)
@@ -64,7 +71,7 @@ def test_train_calls_have_no_per_step_condition():
     """No padding steps, so no `lax.cond` in the loop: on a GPU a condition's predicate is copied
     to the host every step, and the step waits for it."""
     # XLA's stem convolution: the CPU's taps stem has a `lax.cond` of its own (models.tap_conv).
-    cfg = small(steps_per_call=3, stem_conv="xla")
+    cfg = small(steps_per_call=3, stem_conv="xla", xla_cpu="default")
     trainer = Trainer(cfg, synthetic_split(320), synthetic_split(50, seed=1))
     state = trainer.init_state()
     text = trainer.programs.train.lower(
