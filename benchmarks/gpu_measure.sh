@@ -25,6 +25,10 @@
 # DATA holds fashion-mnist/ (the four official files) and, for `tiny`, tin/ (the two archives).
 # Runs from a source checkout with no TensorFlow (the readers in jaxbench/datasets/files.py).
 set -u
+PARTS="speed torchbest fmnist16 tiny seeds before"
+for part in "$@"; do  # every part known before any of them runs
+  case " $PARTS " in *" $part "*) ;; *) echo "error: unknown part '$part'; parts: $PARTS" >&2; exit 2 ;; esac
+done
 OUT=${OUT:?set OUT}; DATA=${DATA:?set DATA}
 W=$(realpath -m "${WORK:-/tmp/jb}")
 RES=$W/results  # everything measured; $OUT gets a tarball of it and the log after every stage
@@ -55,6 +59,11 @@ if [ -n "$SMALL" ]; then  # BaselineCNN only: TargetCNN in bfloat16 crawls on XL
   steps=4; epochs="--epochs 1 --train-limit 256 --eval-limit 64"; calls=1; target=tiny_baseline
   tiny_exps="--exp tiny_baseline"; fmnist_exps="--exp fmnist_baseline"
 fi
+tiny_run() {  # tiny_run SEED LIMIT_S: $target for its 25 epochs on the real Tiny ImageNet
+  stage "$target seed $1" "$2" python3 -m jaxbench.run --exp $target --seed "$1" $epochs \
+    --manual-dir "$DATA/tin" --run-dir "$RES/runs/${target}_seed$1" \
+    --checkpoint-dir "$W/checkpoints/${target}_seed$1"
+}
 synth() {  # Tiny ImageNet's shapes on random pixels: speed only, no accuracy
   [ -f "$W/tiny_synth.npz" ] || stage synth 30 python3 -c "
 import numpy as np
@@ -99,9 +108,7 @@ for part in "$@"; do
     done
     ;;
   tiny)
-    stage "$target" 230 python3 -m jaxbench.run --exp $target $epochs \
-      --manual-dir "$DATA/tin" --run-dir "$RES/runs/${target}_seed0" \
-      --checkpoint-dir "$W/checkpoints/$target"
+    tiny_run 0 230
     synth
     # XLA GPU flag variants of the same step (one process each: XLA_FLAGS is read at start).
     for flags in "--xla_gpu_enable_command_buffer=" \
@@ -112,11 +119,8 @@ for part in "$@"; do
     done
     ;;
   seeds)
-    for seed in 1 2; do
-      stage "$target seed $seed" 200 python3 -m jaxbench.run --exp $target --seed $seed $epochs \
-        --manual-dir "$DATA/tin" --run-dir "$RES/runs/${target}_seed$seed" \
-        --checkpoint-dir "$W/checkpoints/${target}_seed$seed"
-    done
+    tiny_run 1 200
+    tiny_run 2 200
     ;;
   before)
     if [ ! -d "${BEFORE:-}/jaxbench" ] || [ ! -d "$BEFORE/experiments" ]; then
@@ -134,7 +138,6 @@ for part in "$@"; do
     stage "trace-after" 40 python3 benchmarks/gpu_trace.py --exp $target --dtype float32 \
       --arrays "$W/tiny_synth.npz" --calls $calls --out "$RES/trace-after"
     ;;
-  *) echo "unknown part $part" >&2; exit 2 ;;
   esac
 done
 log done

@@ -108,18 +108,21 @@ def summarize(events: list[dict], steps: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jaxbench import cli, perf
+
     p = argparse.ArgumentParser(prog="benchmarks/gpu_trace.py", description=__doc__.split("\n")[0])
     p.add_argument("--exp", required=True)
     p.add_argument("--arrays", required=True, help=".npz of `python -m jaxbench.data export`")
     p.add_argument("--out", required=True)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--calls", type=int, default=2, help="train calls to record")
-    p.add_argument("--steps-per-call", type=int, help="default: the run's (perf.steps_per_call)")
+    p.add_argument("--dtype", default="float32", choices=perf.DTYPES)
+    p.add_argument("--calls", type=cli.positive_int, default=2, help="train calls to record")
+    p.add_argument("--steps-per-call", type=cli.positive_int,
+                   help="default: the run's (perf.steps_per_call)")
     args = p.parse_args(argv)
 
     import jax
 
-    from jaxbench import cli, config, data, perf
+    from jaxbench import config, data
 
     cli.enable_compile_cache()
     try:

@@ -162,9 +162,7 @@ class StepOnly:
         batch = NamedSharding(t.mesh, PartitionSpec("data"))
         self.x = jax.device_put(data.preprocess(images[:b], t.mean, t.std, t.cfg.image_size), batch)
         self.y = jax.device_put(labels[:b], batch)
-        k = t.steps_per_call
-        self.calls = [k] * (self.steps_per_epoch // k) + [self.steps_per_epoch % k] * bool(
-            self.steps_per_epoch % k)
+        self.calls = train.call_lengths(self.steps_per_epoch, t.steps_per_call)
         self.fns = {}
         for n in sorted(set(self.calls)):
             def steps(state, x, y, n=n):

@@ -76,13 +76,12 @@ class BestTrainer(Trainer):
         flags = (torch.backends.cudnn, "benchmark"), (torch.backends.cudnn, "allow_tf32"), \
             (torch.backends.cuda.matmul, "allow_tf32")
         before = [getattr(obj, name) for obj, name in flags]
-        if self.cuda:
-            for obj, name in flags:
-                setattr(obj, name, True)
         inductor = contextlib.nullcontext()
         if self.cuda:
             from torch._inductor import config as inductor_config
 
+            for obj, name in flags:
+                setattr(obj, name, True)
             inductor = inductor_config.patch(max_autotune_conv_backends=CONV_BACKENDS)
         try:
             with inductor:

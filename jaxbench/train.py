@@ -96,10 +96,11 @@ def matmul_flops(jaxpr: Any) -> float:
             (contract, _), _ = eqn.params["dimension_numbers"]
             lhs = eqn.invars[0].aval
             total += 2.0 * np.prod(out.shape) * np.prod([lhs.shape[d] for d in contract])
-        inner = [matmul_flops(v) for v in eqn.params.values() if hasattr(v, "eqns")
-                 or hasattr(getattr(v, "jaxpr", None), "eqns")]
         if name == "cond":
             inner = [max(matmul_flops(b) for b in eqn.params["branches"])]
+        else:
+            inner = [matmul_flops(v) for v in eqn.params.values() if hasattr(v, "eqns")
+                     or hasattr(getattr(v, "jaxpr", None), "eqns")]
         total += sum(inner) * (eqn.params.get("length", 1) if name == "scan" else 1)
     return total
 
@@ -237,6 +238,12 @@ def unrolled(fn: Callable, in_axes: tuple) -> Callable:
         return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
     return run
+
+
+def call_lengths(steps: int, k: int) -> list[int]:
+    """The lengths of the calls `steps` train steps run in at k per call: full calls, then the
+    tail (`chunks(..., pad=False)`); each length is a compiled program of its own."""
+    return [k] * (steps // k) + [steps % k] * bool(steps % k)
 
 
 def chunks(k: int, *arrays: np.ndarray,

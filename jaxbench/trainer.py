@@ -20,8 +20,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxbench import data, distributed, models, perf
 from jaxbench.config import Config, ConfigError
 from jaxbench.loop import Diverged
-from jaxbench.train import (Metrics, TrainState, chunks, create_state, fetch, make_optimizer,
-                            make_schedule, make_steps, param_count, summarize, zero_metrics)
+from jaxbench.train import (Metrics, TrainState, call_lengths, chunks, create_state, fetch,
+                            make_optimizer, make_schedule, make_steps, param_count, summarize,
+                            zero_metrics)
 
 
 class Trainer:
@@ -164,8 +165,8 @@ class Trainer:
         if self._compile_train(k, state) != options:  # XLA rejected them: record what ran
             self.perf = dataclasses.replace(self.perf, xla_cpu="default", reasons={
                 **self.perf.reasons, "xla_cpu": f"XLA rejected {options}; its default compile"})
-        for n in sorted({self.steps_per_epoch % k, (self.steps_per_epoch - self.resume_start) % k}
-                        - {0}):
+        epoch, rest = self.steps_per_epoch, self.steps_per_epoch - self.resume_start
+        for n in sorted(set(call_lengths(epoch, k) + call_lengths(rest, k)) - {k}):
             self._compile_train(n, state)
         self.eval_fn, _ = perf.compile_lowered(self.programs.evaluate.lower(
             self._per_call(state), self._per_call(self.eval_zero()), *self.images["eval"],
