@@ -1,5 +1,6 @@
 """Damaged paths: corrupted checkpoints, a kill during an asynchronous save, unusable output
-folders, a full disk; and the README's bad-input table, each row of which is run here.
+folders, a full disk; and the README's bad-input table, each row of which is run here. Also
+resuming a finished run, and a seed group stopped and resumed.
 
 Runs go through `run.main` in this process (no interpreter start per case) on 320 synthetic
 images, 10 steps per epoch, with `--xla-cpu default` so every run compiles the same program
@@ -240,6 +241,15 @@ def test_restart_keeps_damaged_checkpoints(arrays, finished, tmp_path):
     assert (damaged / "file").read_text() == "kept" and "kept the damaged checkpoints" in err
 
 
+def test_resuming_a_finished_run_says_so_and_restart_starts_over(arrays, tmp_path):
+    run_args = args(arrays, tmp_path, epochs=1)
+    assert main(run_args)[0] == 0
+    rc, stdout, err = main([*run_args, "--resume"])
+    assert rc == 0 and "already finished" in stdout, err
+    rc, stdout, err = main([*run_args, "--restart"])
+    assert rc == 0 and "resumed from" not in stdout and "epoch 1/1" in stdout, err
+
+
 # --- A kill while an asynchronous save is in flight ---------------------------------------------
 
 def test_kill_during_an_asynchronous_save_then_resume(arrays, finished, tmp_path):
@@ -269,6 +279,36 @@ def test_kill_during_an_asynchronous_save_then_resume(arrays, finished, tmp_path
     assert f"(step {STEPS}): epoch 2, step 0" in stdout
     assert rows(out / EXP) == rows(finished.run)
     assert summary(out / EXP)["params_sha256"] == summary(finished.run)["params_sha256"]
+
+
+def test_a_seed_group_stopped_by_ctrl_c_resumes_every_seed(arrays, tmp_path, monkeypatch):
+    """--seeds 0,1 (looped on CPU: a list of states in one checkpoint): Ctrl-C right after epoch
+    1, then --resume, and each seed ends as its uninterrupted group run did. (With SIGKILL at a
+    random moment instead, in a subprocess: tests/test_reliability.py, -m slow.)"""
+    group = ("--seeds", "0,1")
+    ref = tmp_path / "ref"
+    rc, _, err = main(args(arrays, ref, *group, epochs=2))
+    assert rc == 0, err
+    calls, original = [], outputs.Outputs.write
+
+    def write(self, histories, finals=None):  # once at the start, then after every epoch
+        original(self, histories, finals)
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(outputs.Outputs, "write", write)
+    out = tmp_path / "out"
+    rc, _, err = main(args(arrays, out, *group, epochs=2))
+    monkeypatch.undo()
+    assert rc == 130 and "--resume" in err, err
+    rc, stdout, err = main(args(arrays, out, *group, "--resume", epochs=2))
+    assert rc == 0 and "resumed from" in stdout, err
+    for seed in ("seed0", "seed1"):
+        assert [r[0] for r in rows(out / EXP / seed)] == [1, 2]
+        assert rows(out / EXP / seed) == rows(ref / EXP / seed)
+        assert summary(out / EXP / seed)["params_sha256"] == summary(ref / EXP / seed)["params_sha256"]
+    assert rows(out / EXP / "seed0") != rows(out / EXP / "seed1")
 
 
 # --- The bad-input table: each row run, its exit code, message and what it keeps ----------------

@@ -50,7 +50,8 @@ def test_channels_grow_by_k_per_layer_inside_a_block():
 def test_dense_layer_concatenates_its_input():
     layer = models.DenseLayer(growth=5)
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 7))
-    v = layer.init(jax.random.key(1), x, train=False)
-    y = layer.apply(v, x, train=False)
+    # Compiled: eager dispatch compiles each random initializer op by op (~15 s on 2 cores).
+    v = jax.jit(functools.partial(layer.init, train=False))(jax.random.key(1), x)
+    y = jax.jit(functools.partial(layer.apply, train=False))(v, x)
     assert y.shape == (2, 8, 8, 12)
     np.testing.assert_array_equal(y[..., :7], x)

@@ -43,8 +43,9 @@ def cli(*args):
     return [sys.executable, "-m", "jaxbench.reproduce", *args]
 
 
-def read(out, exp, seed):
-    folder = out / "runs" / exp / f"seed{seed}"
+def read(runs, exp, seed):
+    """One seed's metrics and parameter digest from `runs` (a suite's <out>/runs, or --out)."""
+    folder = runs / exp / f"seed{seed}"
     rows = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((folder / "summary.json").read_text())
     return [[r[k] for k in KEYS] for r in rows], summary["params_sha256"]
@@ -177,19 +178,24 @@ def lock_released(out, timeout=30.0) -> bool:
 
 
 def test_a_killed_suite_reruns_to_the_numbers_of_an_uninterrupted_one(fixture_suite, tmp_path):
+    # The uninterrupted numbers: both seeds in one process as a looped seed group, which runs
+    # the very executable a one-seed run compiles on each seed's own arrays, so it gives the
+    # one-seed runs' numbers bit for bit (tests/test_seeds.py).
     ref = tmp_path / "ref"
-    done = subprocess.run(cli(*suite_args(fixture_suite, ref, "--warmup-seconds", "0.5")),
-                          cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "jaxbench.run", "--exp", "fmnist_baseline",
+                           "--arrays", str(fixture_suite / "f.npz"), "--epochs", "3",
+                           "--xla-cpu", "default", "--seeds", "0,1", "--seed-group", "loop",
+                           "--out", str(ref)], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "ESTIMATED total" in done.stdout and "one after another" in done.stdout
     reference = {s: read(ref, "fmnist_baseline", s) for s in (0, 1)}
     assert reference[0] != reference[1]
 
     out = tmp_path / "out"
-    proc = subprocess.Popen(cli(*suite_args(fixture_suite, out, "--no-estimate")), cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(cli(*suite_args(fixture_suite, out, "--warmup-seconds", "0.5")),
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     seen = [""]
     wait_for(proc, r"=== \[2/2\]", seen)  # seed 0 finished, seed 1 started
+    assert "ESTIMATED total" in seen[0] and "one after another" in seen[0]
     wait_for(proc, r"\[fmnist_baseline\] epoch 2/3", seen, start=seen[0].index("=== [2/2]"))
     random.seed(7)
     time.sleep(random.uniform(0.0, 0.5))
@@ -206,7 +212,8 @@ def test_a_killed_suite_reruns_to_the_numbers_of_an_uninterrupted_one(fixture_su
     assert "finished: skipped" in res.stdout and "resume at epoch" in res.stdout
     assert "resumed from" in res.stdout and "=== [1/1]" in res.stdout
     for seed in (0, 1):
-        assert read(out, "fmnist_baseline", seed) == reference[seed]  # metrics and params digest
+        # metrics and parameter digest
+        assert read(out / "runs", "fmnist_baseline", seed) == reference[seed]
 
     group = json.loads((out / "runs" / "fmnist_baseline" / "summary.json").read_text())
     assert group["kind"] == "seed_group" and group["seeds"] == [0, 1]
@@ -222,7 +229,7 @@ def test_a_killed_suite_reruns_to_the_numbers_of_an_uninterrupted_one(fixture_su
     again = subprocess.run(cli(*suite_args(fixture_suite, out, "--no-estimate")), cwd=REPO,
                            capture_output=True, text=True)
     assert again.returncode == 0 and "nothing to run" in again.stdout and "===" not in again.stdout
-    assert read(out, "fmnist_baseline", 1) == reference[1]
+    assert read(out / "runs", "fmnist_baseline", 1) == reference[1]
 
 
 def test_a_group_suite_trains_its_seeds_as_one_program(fixture_suite, tmp_path):
