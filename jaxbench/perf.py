@@ -154,11 +154,13 @@ def compile_lowered(lowered: Any, options: dict[str, str]) -> tuple[Any, dict[st
 
 
 def gradient_program(model: Any, batch_size: int, image_size: int, num_classes: int,
-                     dtype: Any = np.float32):
+                     dtype: Any = np.float32, variables: Any = None):
     """The lowered loss-and-gradient of `model` on a fixed random batch (BatchNorm in train mode).
 
     Returns it with the parameters to call it on; `dtype` float64 (under `jax.enable_x64`) gives
-    the float64 reference of the same numbers: same batch, same initial parameters.
+    the float64 reference of the same numbers: same batch, same initial parameters (pass the
+    float32 call's `variables`, from `init_variables(model, key(0), ...)`, to skip compiling the
+    initializers a second time under x64).
     """
     import jax
     import optax
@@ -166,9 +168,10 @@ def gradient_program(model: Any, batch_size: int, image_size: int, num_classes: 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch_size, image_size, image_size, 3)).astype(dtype)
     y = rng.integers(0, num_classes, batch_size)
-    from jaxbench.train import init_variables
+    if variables is None:
+        from jaxbench.train import init_variables
 
-    variables = init_variables(model, jax.random.key(0), x[:1].astype(np.float32))
+        variables = init_variables(model, jax.random.key(0), x[:1].astype(np.float32))
     variables = jax.tree.map(lambda a: np.asarray(a).astype(dtype), variables)
 
     def loss(params):

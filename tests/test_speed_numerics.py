@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxbench import models, perf
+from jaxbench import models, perf, train
 
 
 class ReferenceBaseline(nn.Module):
@@ -35,7 +35,7 @@ def test_optimized_baseline_step_matches_the_reference_formulation():
     x = jnp.asarray(rng.normal(size=(16, 64, 64, 3)).astype(np.float32))
     y = jnp.asarray(rng.integers(0, 10, 16))
     ours, ref = models.build("baseline", 10, stem_conv="taps"), ReferenceBaseline(10)
-    params = ours.init(jax.random.key(0), x[:1])["params"]
+    params = train.init_variables(ours, jax.random.key(0), x[:1])["params"]  # compiled init
 
     def loss_and_grad(model):
         return jax.jit(jax.value_and_grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
@@ -51,9 +51,12 @@ def _float64_errors(name, batch, compile_options):
     """Loss and per-tensor gradient errors against float64, for each of `compile_options`."""
     model = models.build(name, 10, stem_conv="taps" if name == "baseline" else "xla")
     lowered, params = perf.gradient_program(model, batch, 64, 10)
+    # The same initial variables in float64 (not initialized again under x64: another compile).
+    variables = train.init_variables(model, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
     exact_model = models.build(name, 10, "float64", stem_conv="xla")
     with jax.enable_x64(True):
-        exact_lowered, exact_params = perf.gradient_program(exact_model, batch, 64, 10, np.float64)
+        exact_lowered, exact_params = perf.gradient_program(exact_model, batch, 64, 10, np.float64,
+                                                            variables)
         exact = jax.tree.map(np.asarray, exact_lowered.compile()(exact_params))
     assert jax.tree.leaves(exact)[0].dtype == np.float64
     errors = {}
@@ -192,7 +195,8 @@ def test_baseline_stem_runs_as_taps_once_per_step_on_cpu():
     """
     model = models.build("baseline", 10, stem_conv="taps")
     x = jnp.ones((8, 64, 64, 3))
-    params = model.init(jax.random.key(0), x[:1])["params"]
+    # Shapes only: the programs are lowered and compiled here, never run.
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), x[:1]))["params"]
     forward = jax.jit(lambda p: model.apply({"params": p}, x)).lower(params).as_text()
     assert forward.count(" stablehlo.convolution") == 1  # the second layer's only
     grad = jax.jit(jax.grad(lambda p: model.apply({"params": p}, x).sum())).lower(params)
