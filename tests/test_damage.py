@@ -281,6 +281,20 @@ def test_kill_during_an_asynchronous_save_then_resume(arrays, finished, tmp_path
     assert summary(out / EXP)["params_sha256"] == summary(finished.run)["params_sha256"]
 
 
+def interrupt_after_epoch_1(monkeypatch) -> None:
+    """SIGINT right after epoch 1's outputs are written, as a Ctrl-C would arrive (`Outputs.write`
+    runs once at the start, then after every epoch); `monkeypatch.undo()` ends it."""
+    calls, original = [], outputs.Outputs.write
+
+    def write(self, histories, finals=None):
+        original(self, histories, finals)
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(outputs.Outputs, "write", write)
+
+
 def test_a_seed_group_stopped_by_ctrl_c_resumes_every_seed(arrays, tmp_path, monkeypatch):
     """--seeds 0,1 (looped on CPU: a list of states in one checkpoint): Ctrl-C right after epoch
     1, then --resume, and each seed ends as its uninterrupted group run did. (With SIGKILL at a
@@ -289,15 +303,7 @@ def test_a_seed_group_stopped_by_ctrl_c_resumes_every_seed(arrays, tmp_path, mon
     ref = tmp_path / "ref"
     rc, _, err = main(args(arrays, ref, *group, epochs=2))
     assert rc == 0, err
-    calls, original = [], outputs.Outputs.write
-
-    def write(self, histories, finals=None):  # once at the start, then after every epoch
-        original(self, histories, finals)
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(outputs.Outputs, "write", write)
+    interrupt_after_epoch_1(monkeypatch)
     out = tmp_path / "out"
     rc, _, err = main(args(arrays, out, *group, epochs=2))
     monkeypatch.undo()
@@ -510,16 +516,7 @@ def diverged(c: Ctx):
 def ctrl_c(c: Ctx):
     """SIGINT arrives right after epoch 1's outputs are written, as a Ctrl-C would."""
     out = c.tmp / "out"
-    calls = []
-    original = outputs.Outputs.write
-
-    def write(self, histories, finals=None):
-        original(self, histories, finals)
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    c.monkeypatch.setattr(outputs.Outputs, "write", write)
+    interrupt_after_epoch_1(c.monkeypatch)
     rc, _, err = main(args(c.arrays, out))
     c.monkeypatch.undo()
     rc2, _, err2 = main(args(c.arrays, out, "--resume"))

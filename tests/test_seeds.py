@@ -41,7 +41,7 @@ def flat(tree) -> np.ndarray:
     return np.concatenate([np.zeros(0)] + [x.ravel() for x in leaves(tree)])
 
 
-def equivalence_config(exp: str, batch: int, size: int, xla_cpu: str = "auto") -> config.Config:
+def equivalence_config(exp: str, batch: int, size: int, xla_cpu: str) -> config.Config:
     return config.load(exp).replace(epochs=2, batch_size=batch, optimizer="sgd", learning_rate=0.01,
                                     image_size=size, xla_cpu=xla_cpu)
 
