@@ -22,10 +22,11 @@ from jaxbench.trainer import Trainer
 assert jax.device_count() == 2, jax.devices()
 out = {}
 # SGD with momentum and the cosine schedule, XLA's default compile (this test is about the mesh,
-# not the compile choice), 32x32 images (the mesh does not care; a quarter of 64x64's cost).
+# not the compile choice), 16x16 images (the mesh does not care; TargetCNN's four blocks still
+# pool them to 2x2).
 cfg = config.load("fmnist_target").replace(epochs=2, batch_size=16, optimizer="sgd",
                                            learning_rate=0.01, schedule="cosine",
-                                           xla_cpu="default", image_size=32)
+                                           xla_cpu="default", image_size=16)
 for n in (1, 2):
     t = Trainer(cfg, synthetic_split(96), synthetic_split(40, seed=1), devices=jax.devices()[:n])
     t.compile(t.init_state())
@@ -92,8 +93,8 @@ def test_two_devices_match_one():
     for a, b in zip(one["stats"], two["stats"]):  # BatchNorm running mean / var after the step
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
     # Each tensor's update (-lr * its gradient), relative to its norm: BatchNorm's backward cancels
-    # terms, so the two-device reduction order moves a tensor's update by up to ~5e-3 of its norm
-    # (median 7e-4) on these noise images.
+    # terms, so the two-device reduction order moves a tensor's update by up to 1.8e-4 of its norm
+    # at 16x16 (median 6e-7), up to ~5e-3 (median 7e-4) at 32x32, on these noise images.
     for a, b in zip(one["updates"], two["updates"]):
         a, b = np.asarray(a), np.asarray(b)
         assert np.linalg.norm(b - a) <= 2e-2 * np.linalg.norm(a) + 1e-8, (a, b)

@@ -83,8 +83,10 @@ def test_fit_with_the_twin_writes_the_same_outputs(tmp_path):
     assert s["eval_examples"] == 20
 
 
-def test_benchmark_on_a_small_limit_writes_json(tmp_path, mock_manual_dir):
+def test_benchmark_on_a_small_limit_writes_json(tmp_path, mock_manual_dir, monkeypatch):
     manual = mock_manual_dir
+    # A 512-square yardstick matmul: 2048's (the CPU default) costs ~6 s of this test's ~45 s.
+    monkeypatch.setattr(bench, "matmul_size", lambda: 512)
     with tfds.testing.mock_data(num_examples=64):
         code = bench.main(["--exp", "fmnist_baseline", "--steps", "2", "--repeats", "2",
                            "--batch-size", "16", "--variants",
@@ -96,6 +98,7 @@ def test_benchmark_on_a_small_limit_writes_json(tmp_path, mock_manual_dir):
     result = json.loads(path.read_text())
     assert {"machine", "versions", "repeats", "unit", "experiments", "command"} <= set(result)
     assert {"cpu", "cores"} <= set(result["machine"]) and "torch" in result["versions"]
+    assert result["matmul_n"] == 512
     exp = result["experiments"]["fmnist_baseline"]
     rows = exp["variants"]
     assert exp["jax_perf"]["xla_cpu"] in ("default", "ynn-reduce", "ynn-off")
