@@ -190,29 +190,10 @@ def test_an_unwritable_cache_only_warns(tmp_path):
     assert len(train) == 400 and len(val) == 200
 
 
-def broken(kind):
-    content = fx.files()
-    if kind == "no wnids":
-        del content["wnids.txt"]
-    elif kind == "class missing":
-        w = fx.WNIDS[5]
-        content = {k: v for k, v in content.items() if not k.startswith(f"train/{w}/")}
-    elif kind == "unknown wnid":
-        content["val/val_annotations.txt"] += b"val_0.JPEG\tn00000000\t0\t0\t1\t1\n"
-    elif kind == "bad jpeg":
-        content[f"train/{fx.WNIDS[7]}/images/{fx.WNIDS[7]}_1.JPEG"] = b"\xff\xd8not a jpeg"
-    return content
-
-
-@pytest.mark.parametrize("kind, message", [
-    ("no wnids", "tiny-imagenet-200/wnids.txt is missing"),
-    ("class missing", f"tiny-imagenet-200/train/{fx.WNIDS[5]}/images/ is missing or empty"),
-    ("unknown wnid", "val_annotations.txt line 201 names an unknown wnid"),
-    ("bad jpeg", f"tiny-imagenet-200/train/{fx.WNIDS[7]}/images/{fx.WNIDS[7]}_1.JPEG: not a decodable"),
-])
+@pytest.mark.parametrize("kind, message", fx.BROKEN.items())
 def test_bad_sources_fail_with_the_builders_messages(tmp_path, monkeypatch, kind, message):
     no_tfds(monkeypatch)
-    manual = fx.write_folder(tmp_path / "manual", broken(kind))
+    manual = fx.write_folder(tmp_path / "manual", fx.broken(kind))
     with pytest.raises(data.DataError, match=message.replace(".", r"\.")):
         data.load(config.load("tiny_baseline"), str(tmp_path / "d"), str(manual))
     assert not list((tmp_path / "d").rglob("*.npz"))  # nothing cached from a bad source
@@ -233,7 +214,7 @@ def test_without_tensorflow_the_manual_dir_is_required(tmp_path, monkeypatch):
 
 def test_cli_without_tensorflow_exits_2_on_a_broken_tree(tmp_path, monkeypatch, capsys):
     no_tfds(monkeypatch)
-    manual = fx.write_folder(tmp_path / "manual", broken("no wnids"))
+    manual = fx.write_folder(tmp_path / "manual", fx.broken("no wnids"))
     code = run.main(["--exp", "tiny_baseline", "--data-dir", str(tmp_path / "d"),
                      "--manual-dir", str(manual), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err

@@ -79,31 +79,9 @@ def test_experiment_loads_with_the_paper_preprocessing_contract(tmp_path):
     assert mean.shape == std.shape == (3,)
 
 
-def broken(kind):
-    content = fx.files()
-    if kind == "no wnids":
-        del content["wnids.txt"]
-    elif kind == "class missing":
-        w = fx.WNIDS[5]
-        content = {k: v for k, v in content.items() if not k.startswith(f"train/{w}/")}
-    elif kind == "no annotations":
-        del content["val/val_annotations.txt"]
-    elif kind == "unknown wnid":
-        content["val/val_annotations.txt"] += b"val_0.JPEG\tn00000000\t0\t0\t1\t1\n"
-    elif kind == "bad jpeg":
-        content[f"train/{fx.WNIDS[7]}/images/{fx.WNIDS[7]}_1.JPEG"] = b"\xff\xd8not a jpeg"
-    return content
-
-
-@pytest.mark.parametrize("kind, message", [
-    ("no wnids", "tiny-imagenet-200/wnids.txt is missing"),
-    ("class missing", f"tiny-imagenet-200/train/{fx.WNIDS[5]}/images/ is missing or empty"),
-    ("no annotations", "tiny-imagenet-200/val/val_annotations.txt is missing"),
-    ("unknown wnid", "val_annotations.txt line 201 names an unknown wnid"),
-    ("bad jpeg", f"tiny-imagenet-200/train/{fx.WNIDS[7]}/images/{fx.WNIDS[7]}_1.JPEG: not a decodable"),
-])
+@pytest.mark.parametrize("kind, message", fx.BROKEN.items())
 def test_a_partial_tree_stops_preparation_and_leaves_nothing_trusted(tmp_path, kind, message):
-    manual = fx.write_folder(tmp_path / "manual", broken(kind))
+    manual = fx.write_folder(tmp_path / "manual", fx.broken(kind))
     with pytest.raises(data.DataError, match=message.replace(".", r"\.")):
         prepare(tmp_path, manual)
     assert not tfds.builder("tiny_imagenet", data_dir=str(tmp_path / "tfds")).is_prepared()
@@ -141,7 +119,7 @@ def test_empty_manual_dir_names_what_it_expects(tmp_path):
 
 
 def test_cli_exit_2_on_a_broken_tree(tmp_path, capsys):
-    manual = fx.write_folder(tmp_path / "manual", broken("no annotations"))
+    manual = fx.write_folder(tmp_path / "manual", fx.broken("no annotations"))
     code = run.main(["--exp", "tiny_baseline", "--data-dir", str(tmp_path / "tfds"),
                      "--manual-dir", str(manual), "--out", str(tmp_path / "out")])
     assert code == 2

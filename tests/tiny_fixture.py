@@ -74,3 +74,32 @@ def write_tars(root: Path, content: dict[str, bytes]) -> Path:
                     info.size = len(data)
                     t.addfile(info, io.BytesIO(data))
     return root
+
+
+# A tree with one thing wrong, and the message both Tiny ImageNet readers (the tfds builder and the
+# TensorFlow-free one) must stop with.
+BROKEN = {
+    "no wnids": "tiny-imagenet-200/wnids.txt is missing",
+    "class missing": f"tiny-imagenet-200/train/{WNIDS[5]}/images/ is missing or empty",
+    "no annotations": "tiny-imagenet-200/val/val_annotations.txt is missing",
+    "unknown wnid": "val_annotations.txt line 201 names an unknown wnid",
+    "bad jpeg": f"tiny-imagenet-200/train/{WNIDS[7]}/images/{WNIDS[7]}_1.JPEG: not a decodable",
+}
+
+
+def broken(kind: str) -> dict[str, bytes]:
+    """`files()` with the defect `kind` (a key of `BROKEN`)."""
+    content = files()
+    if kind == "no wnids":
+        del content["wnids.txt"]
+    elif kind == "class missing":
+        content = {k: v for k, v in content.items() if not k.startswith(f"train/{WNIDS[5]}/")}
+    elif kind == "no annotations":
+        del content["val/val_annotations.txt"]
+    elif kind == "unknown wnid":
+        content["val/val_annotations.txt"] += b"val_0.JPEG\tn00000000\t0\t0\t1\t1\n"
+    elif kind == "bad jpeg":
+        content[f"train/{WNIDS[7]}/images/{WNIDS[7]}_1.JPEG"] = b"\xff\xd8not a jpeg"
+    else:
+        raise ValueError(kind)
+    return content
