@@ -128,9 +128,13 @@ def params_digest(trainer, state, member: int = 0) -> str:
 
 
 def summarize_history(history: list[dict]) -> dict:
+    """Final and best accuracy, and the steady seconds per epoch: epochs after the first (its
+    warm-up), leaving out an epoch resumed mid-way, whose time covers only the steps trained
+    after the resume."""
     if not history:
         return {"epochs_completed": 0}
-    steady = history[1:] or history
+    whole = [r for r in history if "resumed_at_step" not in r]
+    steady = [r for r in history[1:] if "resumed_at_step" not in r] or whole or history
     best = max(history, key=lambda r: r["eval_acc"])
     return {"epochs_completed": history[-1]["epoch"], "final_eval_acc": history[-1]["eval_acc"],
             "final_eval_loss": history[-1]["eval_loss"], "best_eval_acc": best["eval_acc"],

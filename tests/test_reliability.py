@@ -165,6 +165,23 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_identically(arrays, refer
     assert res.returncode == 0, res.stderr
     rows, summary = read(tmp_path)
     assert rows == ref_rows and summary["params_sha256"] == ref_summary["params_sha256"]
+    # Seconds per epoch from whole epochs only: the resumed epoch timed just its last steps.
+    history = [json.loads(l) for l in
+               (tmp_path / "fmnist_baseline" / "metrics.jsonl").read_text().splitlines()]
+    whole = [r["epoch_time_s"] for r in history[1:] if "resumed_at_step" not in r]
+    assert summary["mean_epoch_time_s"] == pytest.approx(sum(whole) / len(whole))
+
+
+def test_a_resumed_partial_epoch_is_left_out_of_the_seconds_per_epoch():
+    row = {"eval_acc": 0.5, "eval_loss": 1.0}
+    history = [{**row, "epoch": 1, "epoch_time_s": 9.0}, {**row, "epoch": 2, "epoch_time_s": 4.0},
+               {**row, "epoch": 3, "epoch_time_s": 1.0, "resumed_at_step": 40},
+               {**row, "epoch": 4, "epoch_time_s": 5.0}]
+    summary = outputs.summarize_history(history)
+    assert summary["mean_epoch_time_s"] == 4.5 and summary["first_epoch_time_s"] == 9.0
+    # Nothing but the first epoch and a partial one: the first epoch's time, not the partial's.
+    assert outputs.summarize_history(history[:1] + history[2:3])["mean_epoch_time_s"] == 9.0
+    assert outputs.summarize_history(history[2:3])["mean_epoch_time_s"] == 1.0
 
 
 def test_divergence_stops_with_exit_3_naming_epoch_and_step(arrays, tmp_path):
