@@ -187,7 +187,9 @@ def _resume_intact(cfg: Config, trainer: Trainer, ckpts) -> tuple[Any, Any, Prog
     from jaxbench.checkpoint import CheckpointDamaged
 
     skipped: list[CheckpointDamaged] = []
-    compiled_for: Any = _UNSET  # the perf record the steps were compiled for
+    # What the steps were compiled for: the perf record, and the step the epoch resumes at (its
+    # tail's length); an older checkpoint after a damaged newer one may differ in either.
+    compiled_for: Any = _UNSET
     for step in sorted(ckpts.all_steps(), reverse=True):
         try:
             previous = ckpts.progress(step)
@@ -195,11 +197,15 @@ def _resume_intact(cfg: Config, trainer: Trainer, ckpts) -> tuple[Any, Any, Prog
             skipped.append(err)
             continue
         _check_settings(cfg, trainer, ckpts, previous)
-        if compiled_for is _UNSET or previous.get("perf") != compiled_for:
+        wanted = (previous.get("perf"), previous.get("step_in_epoch", 0))
+        if compiled_for is _UNSET or compiled_for[0] != wanted[0]:
             trainer.adopt(previous)  # the interrupted run's speed decisions: the same program
             state = trainer.init_state()
             trainer.compile_time_s = trainer.compile(state)
-            compiled_for = previous.get("perf")
+        elif compiled_for[1] != wanted[1]:
+            trainer.adopt(previous)
+            trainer.compile_time_s += trainer.compile_tails(state)
+        compiled_for = wanted
         sums = trainer.zero_sums()
         try:
             tree, previous = ckpts.restore(trainer.checkpoint_tree(state, sums), step)

@@ -165,13 +165,21 @@ class Trainer:
         if self._compile_train(k, state) != options:  # XLA rejected them: record what ran
             self.perf = dataclasses.replace(self.perf, xla_cpu="default", reasons={
                 **self.perf.reasons, "xla_cpu": f"XLA rejected {options}; its default compile"})
-        epoch, rest = self.steps_per_epoch, self.steps_per_epoch - self.resume_start
-        for n in sorted(set(call_lengths(epoch, k) + call_lengths(rest, k)) - {k}):
-            self._compile_train(n, state)
+        self.compile_tails(state)
         self.eval_fn, _ = perf.compile_lowered(self.programs.evaluate.lower(
             self._per_call(state), self._per_call(self.eval_zero()), *self.images["eval"],
             self.shard(np.zeros((ek, b), np.int32)), self.shard(np.ones((ek, b), bool))),
             self.perf.compiler_options)
+        return time.perf_counter() - t0
+
+    def compile_tails(self, state: TrainState) -> float:
+        """Compile the calls an epoch and the resumed epoch's rest need that are not compiled
+        yet (after `compile`, only when the resume point moved); return the seconds taken."""
+        t0 = time.perf_counter()
+        k, epoch = self.steps_per_call, self.steps_per_epoch
+        for n in sorted(set(call_lengths(epoch, k) + call_lengths(epoch - self.resume_start, k))
+                        - set(self.train_fns)):
+            self._compile_train(n, state)
         return time.perf_counter() - t0
 
     def _compile_train(self, n: int, state: TrainState) -> dict[str, str]:

@@ -211,6 +211,36 @@ def test_a_checkpoint_without_a_record_restores_unverified(small):
 
 # --- Resume after damage: the previous checkpoint, then the uninterrupted run's numbers ---------
 
+def test_falling_back_to_an_older_checkpoint_compiles_its_own_epoch_tail():
+    """The newest checkpoint ends an epoch, the older one was saved mid-epoch (Ctrl-C at step 3
+    of 20, then resumed): falling back to it compiles the 1-step call that finishes its epoch
+    (17 steps in calls of 4), so no compile lands inside a timed epoch."""
+    from jaxbench import config, loop
+    from jaxbench.trainer import Trainer
+
+    cfg = config.load("fmnist_baseline").replace(epochs=2, batch_size=16, steps_per_call=4,
+                                                 xla_cpu="default", image_size=16)
+    trainer = Trainer(cfg, synthetic_split(320), synthetic_split(16, seed=1))
+    records = {40: loop.Progress([[]], 3, 0).record(cfg, trainer),
+               23: loop.Progress([[]], 2, 3).record(cfg, trainer)}
+
+    class Older:  # the checkpoints: step 40 turns out damaged when its arrays are read
+        directory = Path("checkpoints")
+        all_steps = staticmethod(lambda: sorted(records))
+        progress = staticmethod(lambda step: records[step])
+        quarantine = staticmethod(lambda step: f"damaged/{step}")
+
+        @staticmethod
+        def restore(tree, step):
+            if step == 40:
+                raise CheckpointDamaged(step, "its arrays' digest differs")
+            return tree, records[step]
+
+    _, _, progress = loop._resume_intact(cfg, trainer, Older())
+    assert (progress.epoch, progress.step_in_epoch) == (2, 3)
+    assert sorted(trainer.train_fns) == [1, 4]  # epoch: 5 calls of 4; its rest: 4 x 4 + 1
+
+
 @pytest.mark.parametrize("mode", ["garbage", "truncated", "silent"])
 def test_resume_skips_a_damaged_newest_checkpoint(arrays, finished, tmp_path, mode):
     damage, reason = DAMAGE[mode]
