@@ -22,7 +22,7 @@ from typing import Mapping
 
 import numpy as np
 
-from jaxbench import paper
+from jaxbench import outputs, paper
 
 
 def leaf_layers(model, size: int = 64) -> list[tuple[str, dict]]:
@@ -129,7 +129,7 @@ def paper_table(title: str, dataset: str, exps: tuple[str, ...], groups: list[pa
                      for g in mine for r in g.runs if not g.protocol})
     lines = [f"## {title}", "", f"Accuracy on the eval split ({'; '.join(splits) or 'none measured'}), mean ± "
              "sample std over seeds (n seeds). Train seconds per epoch: steady epochs (epoch 1 excluded when "
-             "there are more), training only, per seed (a seed group's epoch over its seed count). "
+             "there are more, and an epoch resumed mid-way), training only, per seed (a seed group's epoch over its seed count). "
              "Columns marked **paper** hold the paper's numbers (one NVIDIA P100), not ours.", "",
              "| model | framework | hardware | n (seeds) | final acc | best-epoch acc | epochs to 99% of final | "
              "train s / epoch (on that hardware) | params | epochs | **paper** acc (P100) | "
@@ -189,8 +189,12 @@ def curves_png(title: str, dataset: str, groups: list[paper.Group], path: Path) 
     axes[0, 0].legend(fontsize=8)
     fig.suptitle(f"{title}: mean over seeds, band = min–max over seeds")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=100)
+    except OSError as err:
+        raise outputs.OutputError(path, err) from None
+    finally:
+        plt.close(fig)
     return True
 
 
@@ -266,7 +270,7 @@ def write_paper_report(inputs: list[str], out: Path, command: str) -> list[Path]
              f"{len(r.curves['epoch'])} | {r.hardware} | {r.protocol or 'the experiment’s own'} | "
              f"{_when(r.provenance, out)} |" for r in sorted(runs, key=lambda r: str(r.path))]
     parts.append("\n".join(rows))
-    (out / "README.md").write_text("\n\n".join(parts) + "\n")
+    outputs.write_atomic(out / "README.md", "\n\n".join(parts) + "\n")
     return [out / "README.md", *written]
 
 
@@ -287,10 +291,14 @@ def main(argv: list[str] | None = None) -> int:
                  for a in args.inputs + [str(args.out)]]
         command = "python -m jaxbench.report paper " + shlex.join(shown[:-1]) + " --out " + shlex.quote(shown[-1])
         try:
+            outputs.ensure_dir(args.out, "--out")
             written = write_paper_report(args.inputs, args.out, command)
-        except paper.ReportError as err:
+        except (paper.ReportError, outputs.OutputPathError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
+        except outputs.OutputError as err:  # a full disk, a permission taken away
+            print(f"error: {err}", file=sys.stderr)
+            return outputs.EXIT_OUTPUT_FAILED
         print("wrote " + ", ".join(map(str, written)))
         return 0
     if args.what == "models":
