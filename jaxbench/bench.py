@@ -327,6 +327,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = set(args.variants.split(",")) - set(VARIANTS) if args.variants else set()
     if unknown:
         return cli.fail(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(VARIANTS)}.")
+    try:  # the flags first: a typo should not wait for PyTorch and the matmul yardstick
+        cfgs = {name: config_lib.load(name) for name in args.exp}
+        out = outputs.ensure_dir(Path(args.out), "--out")
+    except ConfigError as err:
+        return cli.fail(str(err))
     try:
         import torch
     except ImportError:
@@ -345,12 +350,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if jax.default_backend() != "cpu":  # the matrix units' bfloat16 rate, for `jax-bf16`
         result["matmul_peak_bf16_gflops"] = matmul_peak_gflops(dtype="bfloat16")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     tag = machine_tag(info)
     try:
-        for name in args.exp:
-            cfg = config_lib.load(name).replace(
+        for name, cfg in cfgs.items():
+            cfg = cfg.replace(
                 batch_size=args.batch_size, seed=args.seed, dtype=args.dtype,
                 steps_per_call=args.steps_per_call, stem_conv=args.stem_conv,
                 xla_cpu=args.xla_cpu, seed_group=args.seed_group)
@@ -363,9 +366,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.variants.split(",") if args.variants else None)
             # After every experiment: a run stopped later (a time limit) keeps what it measured.
             outputs.write_json(out / f"{tag}.json", result)
-            (out / f"{tag}.md").write_text(markdown(result))
+            outputs.write_atomic(out / f"{tag}.md", markdown(result))
     except (ConfigError, data.DataError) as err:
         return cli.fail(str(err))
+    except outputs.OutputError as err:  # a full disk, a permission taken away
+        print(f"error: {err}; what was measured before is in {out}.", file=sys.stderr)
+        return outputs.EXIT_OUTPUT_FAILED
     print(markdown(result))
     print(f"wrote {out / tag}.json and .md")
     return 0

@@ -154,13 +154,22 @@ def export_main(argv=None) -> int:
     p.add_argument("--out", required=True, help="the .npz file to write")
     add_data_args(p)
     args = p.parse_args(argv)
+    from jaxbench import outputs
+
+    out = Path(args.out)
+    out = out if out.suffix == ".npz" else out.with_name(out.name + ".npz")  # as numpy names it
     try:
         cfg = resolve(args)
+        outputs.ensure_dir(out.parent, "--out")  # before the data: preparing it can take minutes
         train, test = data.load(cfg, args.data_dir, args.manual_dir)
     except (ConfigError, data.DataError) as err:
         return fail(str(err))
-    data.save_arrays(args.out, cfg.dataset, train, test)
-    print(f"wrote {args.out}: {len(train):,} train and {len(test):,} {cfg.eval_split} images "
+    try:
+        data.save_arrays(out, cfg.dataset, train, test)
+    except OSError as err:  # a full disk, a permission taken away
+        print(f"error: {outputs.OutputError(out, err)}", file=sys.stderr)
+        return outputs.EXIT_OUTPUT_FAILED
+    print(f"wrote {out}: {len(train):,} train and {len(test):,} {cfg.eval_split} images "
           f"of {cfg.dataset}")
     return 0
 

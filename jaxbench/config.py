@@ -91,7 +91,11 @@ def load(name_or_path: str) -> Config:
     problem raises `ConfigError` naming the file, the key, the value and what is expected.
     """
     path = Path(name_or_path)
-    if path.suffix != ".toml" or not path.is_file():
+    if path.suffix == ".toml" and not path.is_file():
+        raise ConfigError(f"--exp {name_or_path}: no such experiment file"
+                          f"{' (it is a folder)' if path.is_dir() else ''}; pass a path to a "
+                          ".toml file, or an experiment's name (`python -m jaxbench.run --list`).")
+    if path.suffix != ".toml":
         known = available()
         if name_or_path not in known:
             names = ", ".join(known) or f"none found in {experiments_dir()}"

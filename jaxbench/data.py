@@ -101,6 +101,17 @@ def _check_manual_dir(dataset: str, manual_dir: str) -> Path:
     return folder
 
 
+def _check_data_dir(data_dir: str | None) -> None:
+    """--data-dir must be a folder or not exist yet (tfds creates it)."""
+    if data_dir is None:
+        return
+    path = Path(data_dir)
+    for p in (path, *path.parents):
+        if p.exists() and not p.is_dir():
+            raise DataError(f"--data-dir {data_dir}: {p} is a file, not a folder; pass a folder "
+                            "(it is created when missing).")
+
+
 def _download_hosts(b) -> list[tuple[str, int]]:
     """(host, port) of every URL registered in the builder's checksums, for a quick probe."""
     from urllib.parse import urlsplit
@@ -137,10 +148,19 @@ def prepare(dataset: str, data_dir: str | None = None, manual_dir: str | None = 
     as trustworthy as a download. Without, tfds downloads the registered URLs and verifies their
     checksums; when the hosts cannot be reached, a DataError says to pass --manual-dir.
     """
+    _check_data_dir(data_dir)
     tfds = _tfds()
     from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
 
     b = tfds.builder(dataset, data_dir=data_dir)
+    if manual_dir is not None:  # checked even when prepared: a typo there should not go unseen
+        try:
+            _check_manual_dir(dataset, manual_dir)
+        except DataError as err:
+            if not b.is_prepared():
+                raise
+            raise DataError(f"{err} {dataset} is already prepared in the tfds data dir "
+                            f"({b.data_dir}): drop --manual-dir to train from there.") from None
     if b.is_prepared():
         return b
     expected = ", ".join(MANUAL_FILES[dataset])
@@ -260,6 +280,7 @@ def load(cfg, data_dir: str | None = None, manual_dir: str | None = None,
     """
     if arrays is not None:
         return load_arrays(arrays, cfg)
+    _check_data_dir(data_dir)
     if reader is None:
         reader = "tfds" if have_tfds() else "files"
     if reader == "files":
@@ -276,9 +297,17 @@ def save_arrays(path: str | Path, dataset: str, train: Split, test: Split) -> No
              eval_images=test.images, eval_labels=test.labels)
 
 
+def open_arrays(path: str | Path) -> np.lib.npyio.NpzFile:
+    """The .npz archive at `path`; ValueError for a lone array (.npy), OSError for no file."""
+    z = np.load(path)
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise ValueError("a single array (.npy), not an .npz archive")
+    return z
+
+
 def load_arrays(path: str | Path, cfg) -> tuple[Split, Split]:
     try:
-        with np.load(path) as z:
+        with open_arrays(path) as z:
             if str(z["dataset"]) != cfg.dataset:
                 raise DataError(f"--arrays {path} holds {z['dataset']}, but {cfg.name} trains on "
                                 f"{cfg.dataset}; export that dataset instead.")
@@ -322,6 +351,14 @@ def preprocess(images: jax.Array, mean: jax.Array, std: jax.Array, size: int = 6
     return jnp.broadcast_to(x, (b, size, size, 3)) if c == 1 else x
 
 
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Full batches in `n` training examples; DataError when there is none, before any work."""
+    if n < batch_size:
+        raise DataError(f"{n} training examples are fewer than one batch of {batch_size}; "
+                        "lower --batch-size or raise --train-limit.")
+    return n // batch_size
+
+
 def epoch_order(seed: int, epoch: int, n: int, batch_size: int) -> np.ndarray:
     """Shuffled example indices for one epoch as (steps, batch_size) int32.
 
@@ -329,11 +366,8 @@ def epoch_order(seed: int, epoch: int, n: int, batch_size: int) -> np.ndarray:
     (a resumed run and both frameworks see the same batches). The last partial batch is dropped,
     as the paper's PyTorch-style loaders with drop_last do; every epoch sees a different remainder.
     """
+    steps = steps_per_epoch(n, batch_size)
     perm = np.random.default_rng([seed, epoch]).permutation(n).astype(np.int32)
-    steps = n // batch_size
-    if steps == 0:
-        raise DataError(f"{n} training examples are fewer than one batch of {batch_size}; "
-                        "lower --batch-size or raise --train-limit.")
     return perm[: steps * batch_size].reshape(steps, batch_size)
 
 

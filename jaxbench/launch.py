@@ -50,6 +50,16 @@ def positive_float(text: str) -> float:
     return value
 
 
+def port_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {value}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         allow_abbrev=False, prog="python -m jaxbench.launch",
@@ -59,7 +69,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=positive_int, default=2, help="processes (default 2)")
     p.add_argument("--devices-per-process", type=positive_int, default=1,
                    help="CPU devices each process sees (default 1)")
-    p.add_argument("--port", type=int, help="the coordinator's port (default: a free one)")
+    p.add_argument("--port", type=port_number, help="the coordinator's port (default: a free one)")
     p.add_argument("--exit-timeout", type=positive_float, default=120.0,
                    help="once one process has finished, seconds the others get to finish too "
                    "(default 120)")
@@ -247,7 +257,8 @@ def supervise(launcher: Launcher, args, argv, run_args, interrupted: list[int]) 
             what = f"process {first} (pid {launcher.procs[first].pid}) {describe(codes[first])}"
             launcher.stop(what)
             launcher.drain()
-            launcher.say(f"failed: {what}. {hint}")
+            # Exit 2 is a usage error (a bad flag, missing data): nothing trained, no resume.
+            launcher.say(f"failed: {what}." + ("" if codes[first] == EXIT_USAGE else f" {hint}"))
             return exit_code(codes[first])
         if all(c == 0 for c in codes):
             launcher.drain()

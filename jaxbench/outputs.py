@@ -15,7 +15,6 @@ import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
-import jax
 import numpy as np
 
 from jaxbench.config import Config, ConfigError
@@ -55,9 +54,10 @@ def describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {first[:300]}"
 
 
-def ensure_dir(path: Path, flag: str) -> Path:
-    """Create `path` (and its parents) and check a file can be written in it; else exit-2 error.
-
+def check_dir(path: Path, flag: str) -> Path:
+    """`path` can be a folder we write in: it is one, or the nearest folder above it that exists
+    is writable. Creates nothing, so a run can check its output paths before loading the data
+    (Tiny ImageNet takes seconds to minutes) and still leave nothing behind when the data fails.
     `flag` is the option the path came from (`--out`, `--checkpoint-dir`), named in the message.
     """
     path = Path(path)
@@ -68,6 +68,16 @@ def ensure_dir(path: Path, flag: str) -> Path:
         if parent.exists() and not parent.is_dir():
             raise OutputPathError(f"{flag}: cannot create {path}: {parent} is a file, not a "
                                   "folder; pass another path.")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputPathError(f"{flag}: cannot create or write the folder {path} ({existing} is "
+                              "not writable); pass a writable path.")
+    return path
+
+
+def ensure_dir(path: Path, flag: str) -> Path:
+    """Create `path` (and its parents) and check a file can be written in it; else exit-2 error."""
+    path = check_dir(path, flag)
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".jaxbench-write-test-{os.getpid()}"
@@ -156,6 +166,7 @@ def cpu_name() -> str:
 def environment_info(framework: str = "jax") -> dict[str, Any]:
     """Where and with what a run happened, for summary.json."""
     import flax
+    import jax
     import jaxlib
     import optax
 
@@ -194,6 +205,8 @@ class Outputs:
 
     def __init__(self, cfg: Config, trainer, out_dir: Path, framework: str,
                  extra: dict | None, state: Any):
+        import jax
+
         self.dir, self.seeds, self.grouped = out_dir, trainer.seeds, trainer.grouped
         self.framework = framework
         self.primary = framework != "jax" or jax.process_index() == 0

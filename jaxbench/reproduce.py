@@ -119,11 +119,15 @@ def data_args(spec: dict) -> list[str]:
 
 def describe_source(dataset: str, spec: dict) -> str:
     folder_flag, arrays_flag = DATA_FLAGS[dataset]
+    given = spec["arrays"] or spec["manual_dir"]
+    # A dry run checks no data; a path that is not there is still worth saying at once.
+    missing = " -- NOT FOUND: a real run stops at the data check" if (
+        given and not Path(given).exists()) else ""
     if spec["arrays"]:
-        return f"{arrays_flag} {spec['arrays']}"
+        return f"{arrays_flag} {spec['arrays']}{missing}"
     where = f"tfds data dir {spec['data_dir'] or '(tfds default)'}"
     if spec["manual_dir"]:
-        return f"{folder_flag} {spec['manual_dir']} (prepared into the {where})"
+        return f"{folder_flag} {spec['manual_dir']}{missing} (prepared into the {where})"
     return f"the {where}, or tfds' download when online"
 
 
@@ -155,9 +159,9 @@ def array_sizes(path: str | None) -> tuple[int, int] | None:
     if not path:
         return None
     try:
-        import numpy as np
+        from jaxbench.data import open_arrays
 
-        with np.load(path) as z:
+        with open_arrays(path) as z:
             return len(z["train_labels"]), len(z["eval_labels"])
     except (OSError, KeyError, ValueError):
         return None

@@ -101,11 +101,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = resolve(args)
         if args.seeds is not None:
             cfg = cfg.replace(seed=args.seeds[0])  # the group's config names its first seed
+        # The output folders before the data, which can take minutes; created later.
+        run_dir = Path(args.out) / run_name(cfg.name, args.framework, args.torch_compile)
+        outputs.check_dir(*((args.run_dir, "--run-dir") if args.run_dir else (run_dir, "--out")))
+        if args.checkpoint_dir:
+            outputs.check_dir(args.checkpoint_dir, "--checkpoint-dir")
         # Several processes: process 0 prepares the data first (a tfds folder they may share).
         train, test = distributed.process0_first(
             lambda: data.load(cfg, args.data_dir, args.manual_dir, args.arrays), "loading the data")
-        out = (outputs.ensure_dir(Path(args.run_dir), "--run-dir") if args.run_dir else
-               Path(args.out) / run_name(cfg.name, args.framework, args.torch_compile))
+        out = outputs.ensure_dir(Path(args.run_dir), "--run-dir") if args.run_dir else run_dir
         fit = functools.partial(loop.fit, framework=args.framework,
                                 checkpoint_dir=args.checkpoint_dir, resume=args.resume,
                                 restart=args.restart, resume_hint=resume_command(argv),

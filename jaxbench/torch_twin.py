@@ -172,7 +172,7 @@ class Trainer:
                                           enabled=self.cfg.dtype == "bfloat16")
         self.mean, self.std = data.channel_stats(self.train.images)
         self.train_size, self.eval_size = len(self.train), len(self.test)
-        self.steps_per_epoch = self.train_size // self.cfg.batch_size
+        self.steps_per_epoch = data.steps_per_epoch(self.train_size, self.cfg.batch_size)
         lr = make_schedule(self.cfg, self.steps_per_epoch)  # optax's: one formula for both
         self.schedule = lambda step: float(lr(step))
         put = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)

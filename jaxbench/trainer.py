@@ -56,7 +56,7 @@ class Trainer:
         self.batched = NamedSharding(self.mesh, P(None, "data"))
         self.seed_batched = NamedSharding(self.mesh, P(None, None, "data"))
         self.train_size, self.eval_size = len(train), len(test)
-        self.steps_per_epoch = self.train_size // cfg.batch_size
+        self.steps_per_epoch = data.steps_per_epoch(self.train_size, cfg.batch_size)
         self.mean, self.std = data.channel_stats(train.images)
         self.schedule = make_schedule(cfg, self.steps_per_epoch)
         self.tx = make_optimizer(cfg, self.schedule)

@@ -9,7 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from jaxbench import perf, run
-from conftest import REPO
+from conftest import REPO, synthetic_split
 
 
 def cli(*args, cwd=REPO):
@@ -79,6 +79,7 @@ def test_list_names_every_experiment():
 
 @pytest.mark.parametrize("args, message", [
     (["--exp", "nope"], "unknown experiment 'nope'"),
+    (["--exp", "missing.toml"], "--exp missing.toml: no such experiment file"),
     ([], "--exp NAME is required"),
     (["--exp", "fmnist_baseline", "--epochs", "0"], "--epochs: expected a positive integer, got 0"),
     (["--exp", "fmnist_baseline", "--batch-size", "-4"], "--batch-size: expected a positive integer"),
@@ -107,3 +108,51 @@ def test_data_not_available_offline_exits_2_naming_files_and_flag(tmp_path):
     res = cli("--exp", "fmnist_baseline", "--data-dir", str(tmp_path), "--manual-dir",
               str(tmp_path / "absent"))
     assert res.returncode == 2 and "not a folder" in res.stderr
+
+
+def test_output_paths_and_batches_are_checked_before_any_work(tmp_path, capsys):
+    """An unusable --out is named before the data loads (Tiny ImageNet: seconds to minutes);
+    a batch larger than the train set before anything compiles or is written."""
+    (tmp_path / "file").touch()
+    absent = str(tmp_path / "absent")
+    assert run.main(["--exp", "fmnist_baseline", "--out", str(tmp_path / "file"),
+                     "--manual-dir", absent]) == 2
+    assert "--out: cannot create" in capsys.readouterr().err
+    assert run.main(["--exp", "fmnist_baseline", "--checkpoint-dir", str(tmp_path / "file"),
+                     "--manual-dir", absent]) == 2
+    assert "--checkpoint-dir: " in capsys.readouterr().err
+    from jaxbench import data
+
+    arrays = tmp_path / "a.npz"
+    data.save_arrays(arrays, "fashion_mnist", synthetic_split(64), synthetic_split(16, seed=1))
+    out = tmp_path / "out"
+    for framework in ("jax", "torch"):
+        assert run.main(["--exp", "fmnist_baseline", "--arrays", str(arrays), "--batch-size",
+                         "128", "--framework", framework, "--out", str(out)]) == 2
+        assert "64 training examples are fewer than one batch of 128" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["report", "bench", "export"])
+def test_the_other_commands_name_an_unusable_out(command, tmp_path, capsys):
+    """jaxbench.report, .bench and `.data export` check --out before any work, as run does."""
+    from jaxbench import bench, cli as cli_lib, report
+
+    (tmp_path / "file").touch()
+    out = tmp_path / "file" / ("x.npz" if command == "export" else "folder")
+    main, argv = {
+        "report": (report.main, ["paper", str(tmp_path), "--out", str(out)]),
+        "bench": (bench.main, ["--exp", "fmnist_baseline", "--steps", "1", "--out", str(out)]),
+        "export": (cli_lib.export_main, ["export", "--exp", "fmnist_baseline", "--out", str(out),
+                                         "--manual-dir", str(tmp_path / "absent")]),
+    }[command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--out: cannot create {tmp_path / 'file'}" in err or f"{tmp_path / 'file'} is a file" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "absent").exists()
+    # A typo in the experiment's name is met before the benchmark's yardstick and PyTorch.
+    if command == "bench":
+        assert bench.main(["--exp", "nope", "--out", str(tmp_path / "b")]) == 2
+        assert "unknown experiment 'nope'" in capsys.readouterr().err
+        assert not (tmp_path / "b").exists()

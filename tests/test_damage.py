@@ -556,6 +556,10 @@ def ctrl_c(c: Ctx):
 
 
 def bad_arrays(c: Ctx):
+    lone = c.tmp / "x.npy"  # one array, not the archive of splits `jaxbench.data export` writes
+    np.save(lone, np.zeros(3))
+    rc, _, err = main(["--exp", EXP, "--arrays", lone, "--out", c.tmp / "out"])
+    assert rc == 2 and "a single array (.npy), not an .npz archive" in err, err
     bad = c.tmp / "x.npz"
     bad.write_bytes(b"not an npz")
     rc, _, err = main(["--exp", EXP, "--arrays", bad, "--out", c.tmp / "out"])
@@ -612,7 +616,7 @@ ROWS = [
         diverged),
     Row("Ctrl-C", 130, "interrupted at epoch …; checkpoint saved in …. Resume with: …",
         "a checkpoint of the step reached; `--resume` continues", ctrl_c),
-    Row("`--arrays` is not an array file", 2, "--arrays …: not an array file",
+    Row("`--arrays` is not an array file (garbage, or a lone `.npy` array)", 2, "--arrays …: not an array file",
         "nothing is written", bad_arrays),
 ]
 BEGIN, END = "<!-- bad-input-table -->", "<!-- /bad-input-table -->"

@@ -308,10 +308,12 @@ def test_an_error_in_one_process_ends_all_with_its_exit_code(tmp_path):
     assert re.search(r"^\[p0\] error: --arrays", res.stderr, re.M)
     assert re.search(r"^\[p1\] error: process 0 failed at loading the data", res.stderr, re.M)
     assert "[launch] failed: process" in res.stderr and "Traceback" not in res.stderr
+    assert "--resume" not in res.stderr  # a usage error: nothing trained, nothing to resume
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--nproc", "2"], "nothing to run"),
+    (["--port", "99999", "--", "--exp", "fmnist_baseline"], "expected a port from 1 to 65535"),
     (["--", "--exp", "fmnist_baseline", "--process-id", "1"], "--process-id: the launcher sets"),
     (["--", "--exp", "fmnist_baseline", "--distributed"], "--distributed: the launcher sets"),
 ])

@@ -84,6 +84,8 @@ def test_dry_run_prints_the_plan_and_filters(capsys, tmp_path):
     rows, text = plan_rows(capsys, "--out", str(out), "--only", "fmnist_densenet", "--epochs", "2",
                            "--seeds", "0,1")
     assert rows == ["fmnist_densenet"] and "epochs: 2 (--epochs)" in text and "seeds 0,1" in text
+    _, text = plan_rows(capsys, "--out", str(out), "--fmnist-dir", str(tmp_path / "typo"))
+    assert f"--fmnist-dir {tmp_path / 'typo'} -- NOT FOUND" in text
     assert not out.exists()  # a dry run writes nothing
 
 

@@ -92,6 +92,20 @@ def test_missing_data_names_the_files_and_the_flag(tmp_path, monkeypatch):
     (tmp_path / "m" / "train-images-idx3-ubyte.gz").touch()
     with pytest.raises(data.DataError, match="lacks train-labels-idx1-ubyte.gz, t10k"):
         data.prepare("fashion_mnist", str(tmp_path), str(tmp_path / "m"))
+    # Already prepared: a --manual-dir typo is still an error, which says the flag can go.
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "is_prepared", lambda self: True)
+    assert data.prepare("fashion_mnist", str(tmp_path)).name == "fashion_mnist"
+    with pytest.raises(data.DataError, match="--manual-dir .*typo: not a folder.* already "
+                                             "prepared .* drop --manual-dir"):
+        data.prepare("fashion_mnist", str(tmp_path), str(tmp_path / "typo"))
+
+
+def test_a_data_dir_that_is_a_file_is_named(tmp_path):
+    (tmp_path / "file").touch()
+    for reader in ("tfds", "files"):
+        with pytest.raises(data.DataError, match=r"--data-dir .*file/tfds: .*file is a file, not a folder"):
+            data.load(config.load("fmnist_baseline"), str(tmp_path / "file" / "tfds"),
+                      str(tmp_path), reader=reader)
 
 
 @pytest.mark.slow
