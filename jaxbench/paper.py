@@ -13,6 +13,7 @@ import glob
 import json
 import re
 import statistics
+import sys
 import tomllib
 from pathlib import Path
 
@@ -26,8 +27,9 @@ TABLES = (("Table I: Fashion-MNIST", "fashion_mnist", ("fmnist_baseline", "fmnis
 MODEL_NAMES = {"baseline": "BaselineCNN", "target": "TargetCNN", "densenet": "DenseNet-BC"}
 TRAIN_IMAGES = {"fashion_mnist": 60_000, "tiny_imagenet": 100_000}
 DATA_DIRS = {"fashion_mnist": "../shared/data/fashion-mnist", "tiny_imagenet": "../shared/data/tiny-imagenet-200"}
-PROTOCOL_KEYS = ("epochs", "batch_size", "optimizer", "learning_rate", "schedule", "image_size",
-                 "train_limit", "eval_limit", "dtype")
+PROTOCOL_KEYS = ("epochs", "batch_size", "optimizer", "learning_rate", "momentum", "schedule",
+                 "image_size", "model", "train_split", "eval_split", "train_limit", "eval_limit",
+                 "dtype")
 CURVES = ("train_loss", "eval_loss", "train_acc", "eval_acc")
 REQUIRED = ("experiment", "config", "device", "params", "mean_epoch_time_s")
 
@@ -99,8 +101,8 @@ def _pick(record: dict, new: str, old: str, where) -> float:
 
 def hardware_of(device: dict) -> str:
     """'NVIDIA H200', or the CPU model and core count for CPU runs."""
-    if device.get("platform") == "gpu" or device.get("gpu"):
-        name = device.get("gpu") or device.get("name", "GPU")
+    if device.get("platform", "cpu") != "cpu" or device.get("gpu"):  # a GPU, a TPU...
+        name = device.get("gpu") or device.get("name", device.get("platform", "GPU"))
         return f"{device['count']}x {name}" if device.get("count", 1) > 1 else name
     cpu = re.sub(r"\((R|TM)\)", "", device.get("cpu") or "unknown CPU").replace("  ", " ").strip()
     return f"{cpu}, {device.get('cores', '?')} cores"
@@ -118,7 +120,8 @@ def protocol_of(summary: dict) -> str:
     for key in PROTOCOL_KEYS:
         # dtype lives in the [perf] table of newer summaries, at the top level of older ones
         value = cfg.get(key, cfg.get("perf", {}).get(key, defaults.get(key)))
-        if key not in ref or value == ref[key]:
+        recorded = key in cfg or key in cfg.get("perf", {}) or key in defaults
+        if key not in ref or value == ref[key] or not recorded:  # older summaries lack some keys
             continue
         if key == "epochs":
             cosine = f" (cosine over {value})" if cfg.get("schedule") == "cosine" else ""
@@ -127,6 +130,9 @@ def protocol_of(summary: dict) -> str:
             diffs.append(f"first {value:,} {key.split('_')[0]} images" if value else f"no {key}")
         else:
             diffs.append(f"{key} {value}")
+    seen, full = summary.get("train_examples"), TRAIN_IMAGES.get(cfg.get("dataset"))
+    if seen and full and seen < full and not cfg.get("train_limit"):  # a subset, e.g. an .npz
+        diffs.append(f"{seen:,} train images instead of {full:,}")
     return ", ".join(diffs)
 
 
@@ -150,12 +156,16 @@ def provenance_of(folder: Path) -> dict:
     return found
 
 
-def load_run(run_dir: Path) -> Run:
+def load_run(run_dir: Path) -> Run | None:
+    """The run in `run_dir`; None for one that never finished an epoch (it diverged or was
+    stopped in epoch 1), which has nothing to report."""
     spath, mpath = run_dir / "summary.json", run_dir / "metrics.jsonl"
     try:
         summary = json.loads(spath.read_text())
     except (OSError, ValueError) as err:
         raise ReportError(f"{spath}: not a readable summary.json ({err}); rerun or remove the run folder") from None
+    if isinstance(summary, dict) and summary.get("epochs_completed") == 0:
+        return None
     if not isinstance(summary, dict) or not isinstance(summary.get("config"), dict):
         raise ReportError(f"{spath}: not a jaxbench.run summary (no config object)")
     missing = [k for k in REQUIRED if k not in summary]
@@ -214,7 +224,12 @@ def collect(inputs: list[str]) -> tuple[list[Run], list[tuple[Path, dict, dict]]
                     continue
                 if spath.parent.resolve() not in seen:
                     seen.add(spath.parent.resolve())
-                    runs.append(load_run(spath.parent))
+                    run = load_run(spath.parent)
+                    if run is None:
+                        print(f"note: {spath.parent} finished no epoch; left out of the report",
+                              file=sys.stderr)
+                    else:
+                        runs.append(run)
             for jpath in sorted(root.rglob("*.json")) if root.is_dir() else [root]:
                 if jpath.name == "summary.json" or jpath.resolve() in seen:
                     continue
@@ -262,7 +277,12 @@ def group_runs(runs: list[Run]) -> list[Group]:
     groups: dict[tuple, Group] = {}
     for run in sorted(runs, key=lambda r: (r.exp, r.framework != "JAX", r.hardware, r.protocol, r.cfg["seed"])):
         key = (run.exp, run.framework, run.hardware, run.protocol)
-        groups.setdefault(key, Group(*key, runs=[])).runs.append(run)
+        group = groups.setdefault(key, Group(*key, runs=[]))
+        twin = next((r for r in group.runs if r.cfg["seed"] == run.cfg["seed"]), None)
+        if twin is not None:  # it would count twice in n and shrink the std
+            raise ReportError(f"seed {run.cfg['seed']} of {run.exp} on {run.hardware} is in two run "
+                              f"folders among the inputs: {twin.path} and {run.path}; pass one of them.")
+        group.runs.append(run)
     return list(groups.values())
 
 
@@ -338,7 +358,9 @@ def speed_rows(data: dict) -> list[tuple[str, str, dict[str, float], str]]:
         t = {v: x["per_1000_images_s"] * per for v, x in e["variants"].items()}
         best = min((v for v in t if v.startswith("torch")), key=t.get, default=None)
         ratio = f"{t['jax'] / t[best]:.2f} (vs {best})" if best and "jax" in t else "—"
-        rows.append((exp, dtype.group(1) if dtype else "float32", t, ratio))
+        # The dtype the JAX variant ran (older files: only the command line says it).
+        used = (e.get("jax_perf") or {}).get("dtype") or (dtype.group(1) if dtype else "float32")
+        rows.append((exp, used, t, ratio))
     return rows
 
 

@@ -223,3 +223,36 @@ def test_a_bfloat16_run_is_its_own_protocol():
     assert paper.protocol_of(summary | {"config": cfg | {"perf": {"dtype": "float32"}}}) == ""
     assert paper.protocol_of(summary | {"config": cfg | {"perf": {"dtype": "bfloat16"}}}) \
         == "dtype bfloat16"
+
+
+def test_what_the_report_leaves_out_or_refuses(tmp_path, capsys):
+    """A run that finished no epoch (diverged in epoch 1) is left out with a note; the same seed
+    in two folders is refused, naming both (it would count twice in n); a TPU run is labelled by
+    its accelerator, not the host CPU; a train subset or another momentum is a protocol."""
+    from jaxbench import paper
+
+    write_run(tmp_path / "runs" / "ok", "fmnist_baseline", "baseline", 0, [0.9] * 25, new_keys=True)
+    empty = tmp_path / "runs" / "diverged"
+    empty.mkdir()
+    (empty / "summary.json").write_text(json.dumps({"epochs_completed": 0}))
+    (empty / "metrics.jsonl").write_text("")
+    assert report.main(["paper", str(tmp_path / "runs"), "--out", str(tmp_path / "a")]) == 0
+    assert f"{empty} finished no epoch; left out of the report" in capsys.readouterr().err
+
+    write_run(tmp_path / "runs" / "again", "fmnist_baseline", "baseline", 0, [0.8] * 25, new_keys=True)
+    assert report.main(["paper", str(tmp_path / "runs"), "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "seed 0 of fmnist_baseline on NVIDIA H200 is in two run folders" in err
+    assert str(tmp_path / "runs" / "ok") in err and str(tmp_path / "runs" / "again") in err
+
+    assert paper.hardware_of({"platform": "tpu", "name": "TPU v5 lite", "count": 1,
+                              "cpu": "AMD EPYC", "cores": 8}) == "TPU v5 lite"
+    cfg = {"name": "tiny_target", "dataset": "tiny_imagenet", "model": "target",
+           "optimizer": "sgd", "momentum": 0.9, "learning_rate": 0.01, "batch_size": 32,
+           "epochs": 25, "schedule": "cosine", "image_size": 64, "train_split": "train",
+           "eval_split": "validation", "train_limit": None, "eval_limit": None}
+    summary = {"experiment": "tiny_target", "epochs_completed": 25, "train_examples": 100_000}
+    assert paper.protocol_of(summary | {"config": cfg}) == ""
+    assert paper.protocol_of(summary | {"config": cfg | {"momentum": 0.0}}) == "momentum 0.0"
+    assert paper.protocol_of(summary | {"config": cfg, "train_examples": 5_000}) \
+        == "5,000 train images instead of 100,000"
