@@ -248,11 +248,21 @@ def mean_std(values: Sequence[float]) -> dict:
     return {"mean": statistics.fmean(values), "std": std, "n": len(values), "values": values}
 
 
-def group_summary(summaries: Sequence[dict], histories: Sequence[list[dict]]) -> dict:
+def seed_epoch_time(summary: dict) -> float:
+    """One seed's train seconds per epoch. A JAX seed group trains its seeds together and each
+    seed's summary records the group's epoch; its seed's share is that over the group's size
+    (the twin's `--seeds` runs one seed after another, `sequential`: its own time)."""
+    t, group = summary["mean_epoch_time_s"], summary.get("seed_group")
+    return t / len(group) if group and not summary.get("sequential") else t
+
+
+def group_summary(summaries: Sequence[dict], histories: Sequence[list[dict]],
+                  separate: bool = False) -> dict:
     """A seed group's summary: mean ± sample std over its seeds, and mean curves per epoch.
 
-    `group_epoch_time_s` is the wall time of one epoch of the whole group (all seeds together
-    for JAX, one after another for the PyTorch twin: `sequential`).
+    `group_epoch_time_s` is the wall time of one epoch of the whole group: all seeds together
+    for JAX; one after another for the PyTorch twin (`sequential`) and for seeds `separate`ly
+    trained (the suite's runs, some of them maybe groups): the sum of the seeds' shares.
     """
     first = summaries[0]
     epochs = min(len(h) for h in histories)
@@ -266,8 +276,9 @@ def group_summary(summaries: Sequence[dict], histories: Sequence[list[dict]]) ->
         out["best_eval_acc"] = mean_std([s["best_eval_acc"] for s in summaries])
         out["mean_curves"] = {key: [statistics.fmean(h[e][key] for h in histories)
                                     for e in range(epochs)] for key in CURVE_KEYS}
-        times = [s["mean_epoch_time_s"] for s in summaries]
-        out["group_epoch_time_s"] = (sum(times) if first.get("sequential") else times[0])
+        out["group_epoch_time_s"] = (sum(map(seed_epoch_time, summaries))
+                                     if separate or first.get("sequential")
+                                     else first["mean_epoch_time_s"])
         out["epoch_time_per_seed_s"] = out["group_epoch_time_s"] / len(summaries)
     return out
 

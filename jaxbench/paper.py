@@ -70,12 +70,10 @@ class Run:
 
     @property
     def epoch_time_s(self) -> float:
-        """One seed's train seconds per epoch. A JAX seed group trains its seeds together and each
-        seed's summary records the group's epoch; its seed's share is that over the group's size
-        (the twin's `--seeds` runs one seed after another: its own time)."""
-        t = self.summary["mean_epoch_time_s"]
-        group = self.summary.get("seed_group")
-        return t / len(group) if group and not self.summary.get("sequential") else t
+        """One seed's train seconds per epoch (a seed group's epoch over its size)."""
+        from jaxbench.outputs import seed_epoch_time
+
+        return seed_epoch_time(self.summary)
 
     @property
     def timed(self) -> bool:

@@ -232,8 +232,8 @@ def assemble_group_summary(out: Path, name: str, seeds: Sequence[int]) -> None:
         return  # one group wrote it
     from jaxbench import outputs
 
-    # Several programs: the group's epoch time is the sum of theirs (the twin's convention).
-    group = outputs.group_summary([s | {"sequential": True} for s in summaries], histories)
+    # Several programs: the group's epoch time is the sum of the seeds' shares.
+    group = outputs.group_summary(summaries, histories, separate=True)
     group["assembled_by"] = "jaxbench.reproduce (seeds trained in separate programs)"
     write_json_atomic(folder / "summary.json", group)
 

@@ -197,3 +197,22 @@ def test_a_lone_number_is_a_count_and_a_trailing_comma_makes_a_list():
 
     assert seed_list("3") == (0, 1, 2) and seed_list("1") == (0,)
     assert seed_list("1,") == (1,) and seed_list("2,0") == (2, 0)
+
+
+def test_a_group_assembled_from_separate_programs_sums_each_seeds_share():
+    """The suite's runs of one experiment may be a group of seeds 0 and 1 (30 s per epoch, the
+    group's, in each seed's summary) and seed 2 alone (12 s): one epoch of all three is 42 s."""
+    from jaxbench import outputs
+
+    def summary(seed, secs, **extra):
+        return {"experiment": "fmnist_baseline", "framework": "jax", "config": {"seed": seed},
+                "final_eval_acc": 0.9, "best_eval_acc": 0.9, "mean_epoch_time_s": secs, **extra}
+
+    rows = [[{k: 0.5 for k in outputs.CURVE_KEYS}]] * 3
+    parts = [summary(0, 30.0, seed_group=[0, 1]), summary(1, 30.0, seed_group=[0, 1]),
+             summary(2, 12.0)]
+    group = outputs.group_summary(parts, rows, separate=True)
+    assert group["group_epoch_time_s"] == 42.0 and group["epoch_time_per_seed_s"] == 14.0
+    assert outputs.group_summary(parts[:2], rows[:2])["group_epoch_time_s"] == 30.0  # one program
+    twin = [summary(s, 20.0, seed_group=[0, 1], sequential=True) for s in (0, 1)]
+    assert outputs.group_summary(twin, rows[:2])["group_epoch_time_s"] == 40.0  # one by one
