@@ -249,6 +249,13 @@ def fit(cfg: Config, trainer: Trainer, out_dir: Path, framework: str = "jax",
                   f"({trainer.perf.seed_group}): one folder per seed", flush=True)
         if "perf" in outputs.summary:
             print(f"[{cfg.name}] {trainer.perf.line()}", flush=True)
+        elsewhere = {r["hardware"] for h in progress.histories for r in h
+                     if r.get("hardware", outputs.hardware) != outputs.hardware}
+        if elsewhere:
+            print(f"warning: resuming on other hardware ({outputs.hardware}) than the epochs "
+                  f"so far ({'; '.join(sorted(elsewhere))}): the run keeps its recorded speed "
+                  "settings (the same program, the same numbers), and its seconds per epoch "
+                  "count only the epochs trained here.", file=sys.stderr, flush=True)
         outputs.write(progress.histories)
         if progress.epoch > cfg.epochs:
             print(f"[{cfg.name}] already finished: all {cfg.epochs} epochs are in "
@@ -309,6 +316,7 @@ def train_and_evaluate(cfg: Config, trainer: Trainer, state: Any, sums: Any, pro
                        "lr": trainer.lr(state)}
                 if start:
                     row["resumed_at_step"] = start
+                row["hardware"] = outputs.hardware
                 history.append(row)
                 name = f"{cfg.name} seed {seed}" if trainer.grouped else cfg.name
                 print(f"[{name}] epoch {epoch}/{cfg.epochs}  train loss {tr['loss']:.4f} "

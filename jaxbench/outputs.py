@@ -143,14 +143,21 @@ def summarize_history(history: list[dict]) -> dict:
     after the resume."""
     if not history:
         return {"epochs_completed": 0}
-    whole = [r for r in history if "resumed_at_step" not in r]
-    steady = [r for r in history[1:] if "resumed_at_step" not in r] or whole or history
+    # Epochs timed on the hardware the run ended on: a run resumed elsewhere (a suite stopped on
+    # one GPU, continued on another) keeps the first machine's rows, which time other hardware.
+    here = history[-1].get("hardware")
+    history_here = [r for r in history if r.get("hardware", here) == here]
+    whole = [r for r in history_here if "resumed_at_step" not in r]
+    steady = ([r for r in history_here[1:] if "resumed_at_step" not in r] or whole
+              or history_here)
     best = max(history, key=lambda r: r["eval_acc"])
     return {"epochs_completed": history[-1]["epoch"], "final_eval_acc": history[-1]["eval_acc"],
             "final_eval_loss": history[-1]["eval_loss"], "best_eval_acc": best["eval_acc"],
             "best_epoch": best["epoch"],
             "mean_epoch_time_s": sum(r["epoch_time_s"] for r in steady) / len(steady),
-            "first_epoch_time_s": history[0]["epoch_time_s"]}
+            "first_epoch_time_s": history[0]["epoch_time_s"],
+            **({"epochs_timed_here": len(history_here)} if len(history_here) < len(history)
+               else {})}
 
 
 def cpu_name() -> str:
@@ -195,6 +202,12 @@ def environment_info(framework: str = "jax") -> dict[str, Any]:
             "versions": versions}
 
 
+def hardware_label(device: dict) -> str:
+    """One string per kind of machine (accelerator, host CPU, counts): epochs timed on
+    different hardware are told apart by it."""
+    return ", ".join(f"{k} {device.get(k)}" for k in ("platform", "name", "count", "cpu", "cores"))
+
+
 def seed_dir(out_dir: Path, seed: int, grouped: bool) -> Path:
     """Where one seed's files go: the run folder itself, or `seed<S>/` inside a group's."""
     return out_dir / f"seed{seed}" if grouped else out_dir
@@ -220,6 +233,7 @@ class Outputs:
         if self.grouped:
             common["seed_group"] = list(self.seeds)
         self.summaries = [{**common, "config": cfg.replace(seed=s).to_dict()} for s in self.seeds]
+        self.hardware = hardware_label(common["device"])  # recorded in each metrics row
 
     @property
     def summary(self) -> dict:

@@ -325,6 +325,24 @@ def interrupt_after_epoch_1(monkeypatch) -> None:
     monkeypatch.setattr(outputs.Outputs, "write", write)
 
 
+def test_a_run_resumed_on_other_hardware_times_only_its_own_epochs(arrays, tmp_path,
+                                                                    monkeypatch):
+    """Stopped after epoch 1, resumed on "another machine": a warning says so, every metrics row
+    names its hardware, and the seconds per epoch come from this machine's epochs alone."""
+    interrupt_after_epoch_1(monkeypatch)
+    assert main(args(arrays, tmp_path))[0] == 130
+    monkeypatch.undo()
+    monkeypatch.setattr(outputs, "hardware_label", lambda device: "another machine")
+    rc, _, err = main(args(arrays, tmp_path, "--resume"))
+    assert rc == 0, err
+    assert "warning: resuming on other hardware (another machine) than the epochs so far" in err
+    history = [json.loads(line) for line in (tmp_path / EXP / "metrics.jsonl").read_text().splitlines()]
+    assert [r["hardware"] == "another machine" for r in history] == [False, True, True]
+    done = summary(tmp_path / EXP)  # epoch 2 warms this machine up: epoch 3 is its steady one
+    assert done["mean_epoch_time_s"] == history[2]["epoch_time_s"]
+    assert done["epochs_timed_here"] == 2 and done["first_epoch_time_s"] == history[0]["epoch_time_s"]
+
+
 def test_a_seed_group_stopped_by_ctrl_c_resumes_every_seed(arrays, tmp_path, monkeypatch):
     """--seeds 0,1 (looped on CPU: a list of states in one checkpoint): Ctrl-C right after epoch
     1, then --resume, and each seed ends as its uninterrupted group run did. (With SIGKILL at a
