@@ -57,11 +57,13 @@ for n in (1, 2):
 # in calls of 4 steps, as on accelerators: 6 steps per epoch are a call of 4 and a tail of 2;
 # then epoch 3 resumed at its step 1, a call of 4 and a tail of 1 compiled when first met (on
 # one device one step per call: the number of steps per call does not change the numbers).
-# BaselineCNN to keep it short: tests/test_seeds.py checks TargetCNN groups seed by seed.
+# BaselineCNN to keep it short: tests/test_seeds.py checks TargetCNN groups seed by seed, and
+# that one device's vmapped group trains each seed like its own run (so vmap on one device is
+# not run again here: two devices' vmap is checked against one device's loop).
 cfg = config.load("fmnist_baseline").replace(epochs=2, batch_size=16, optimizer="sgd",
                                              learning_rate=0.01, schedule="cosine",
                                              xla_cpu="default", image_size=32)
-for n, group in ((1, "loop"), (2, "loop"), (1, "vmap"), (2, "vmap")):
+for n, group in ((1, "loop"), (2, "loop"), (2, "vmap")):
     k = 1 if n == 1 else 4
     t = Trainer(cfg.replace(seed_group=group, steps_per_call=k), synthetic_split(96),
                 synthetic_split(40, seed=1), devices=jax.devices()[:n], seeds=(0, 1))
@@ -101,6 +103,5 @@ def test_two_devices_match_one():
     np.testing.assert_allclose(out["run2"]["losses"], out["run1"]["losses"], rtol=1e-3)
     # The seed groups: two devices like one, and their two seeds really differ.
     for group in ("loop", "vmap"):
-        np.testing.assert_allclose(out[f"{group}2"]["losses"], out[f"{group}1"]["losses"], rtol=1e-3)
-        assert out[f"{group}1"]["losses"][0] != out[f"{group}1"]["losses"][1]
-    np.testing.assert_allclose(out["vmap1"]["losses"], out["loop1"]["losses"], rtol=1e-4)
+        np.testing.assert_allclose(out[f"{group}2"]["losses"], out["loop1"]["losses"], rtol=1e-3)
+        assert out[f"{group}2"]["losses"][0] != out[f"{group}2"]["losses"][1]
