@@ -87,7 +87,10 @@ def warmup_item(exp: str, cfg: Config, resumed: list[Job], pending: list[int], o
 
 
 def steps_and_batches(cfg: Config, sizes: tuple[int, int]) -> tuple[int, int]:
+    """Train steps and eval batches per epoch of the splits' `sizes`, after the experiment's
+    train/eval limits (its first N examples)."""
     train, evaluate = sizes
+    train, evaluate = min(train, cfg.train_limit or train), min(evaluate, cfg.eval_limit or evaluate)
     return train // cfg.batch_size, math.ceil(evaluate / cfg.batch_size)
 
 

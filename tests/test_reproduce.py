@@ -251,3 +251,18 @@ def test_a_group_suite_trains_its_seeds_as_one_program(fixture_suite, tmp_path):
     assert not (out / "checkpoints").exists() and (out / "README.md").is_file()
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["grouping"]["fmnist_baseline"] == {"mode": "group", "reason": "set by --grouping group"}
+
+
+def test_the_estimate_counts_the_steps_an_experiment_really_runs():
+    """Setup + epochs left x (train steps x step time + eval batches x batch time), on the
+    experiment's own train/eval limits when it sets them."""
+    from jaxbench.plan import Job, estimate
+
+    timing = {"single": {"step_s": 0.01, "eval_batch_s": 0.005, "setup_s": 20.0, "seeds": 1}}
+    cfg = config.load("tiny_target")  # 3,125 steps and 313 eval batches of 32 per epoch
+    full = estimate(Job("tiny_target", cfg, (0,), "single", True, 5), timing, (100_000, 10_000))
+    assert full["epochs"] == 20 and full["epoch_s"] == pytest.approx(3125 * 0.01 + 313 * 0.005)
+    assert full["total_s"] == pytest.approx(20.0 + 20 * full["epoch_s"])
+    short = cfg.replace(train_limit=3200, eval_limit=1000)  # 100 steps, 32 batches
+    job = Job("tiny_target", short, (0,), "single", False, 0)
+    assert estimate(job, timing, (100_000, 10_000))["epoch_s"] == pytest.approx(100 * 0.01 + 32 * 0.005)
