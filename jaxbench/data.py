@@ -280,10 +280,10 @@ def load(cfg, data_dir: str | None = None, manual_dir: str | None = None,
     """
     if arrays is not None:
         return load_arrays(arrays, cfg)
-    _check_data_dir(data_dir)
     if reader is None:
         reader = "tfds" if have_tfds() else "files"
     if reader == "files":
+        _check_data_dir(data_dir)  # the tfds path checks it in `prepare`
         return load_files(cfg, data_dir, manual_dir)
     if reader != "tfds":
         raise ValueError(f"reader must be 'tfds' or 'files', got {reader!r}")

@@ -180,16 +180,13 @@ def _check_settings(cfg: Config, trainer: Trainer, ckpts, previous: dict) -> Non
                           "pass --restart to discard it.")
 
 
-_UNSET = object()
-
-
 def _resume_intact(cfg: Config, trainer: Trainer, ckpts) -> tuple[Any, Any, Progress]:
     from jaxbench.checkpoint import CheckpointDamaged
 
     skipped: list[CheckpointDamaged] = []
     # What the steps were compiled for: the perf record, and the step the epoch resumes at (its
     # tail's length); an older checkpoint after a damaged newer one may differ in either.
-    compiled_for: Any = _UNSET
+    compiled_for: tuple | None = None
     for step in sorted(ckpts.all_steps(), reverse=True):
         try:
             previous = ckpts.progress(step)
@@ -198,7 +195,7 @@ def _resume_intact(cfg: Config, trainer: Trainer, ckpts) -> tuple[Any, Any, Prog
             continue
         _check_settings(cfg, trainer, ckpts, previous)
         wanted = (previous.get("perf"), previous.get("step_in_epoch", 0))
-        if compiled_for is _UNSET or compiled_for[0] != wanted[0]:
+        if compiled_for is None or compiled_for[0] != wanted[0]:
             trainer.adopt(previous)  # the interrupted run's speed decisions: the same program
             state = trainer.init_state()
             trainer.compile_time_s = trainer.compile(state)

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import statistics
 from pathlib import Path
 from typing import Any, Sequence
@@ -202,10 +203,14 @@ def environment_info(framework: str = "jax") -> dict[str, Any]:
             "versions": versions}
 
 
-def hardware_label(device: dict) -> str:
-    """One string per kind of machine (accelerator, host CPU, counts): epochs timed on
-    different hardware are told apart by it."""
-    return ", ".join(f"{k} {device.get(k)}" for k in ("platform", "name", "count", "cpu", "cores"))
+def hardware_of(device: dict) -> str:
+    """'NVIDIA H200', or the CPU model and core count for CPU runs: the report's hardware
+    column, and each metrics row's, which tells epochs timed on other hardware apart."""
+    if device.get("platform", "cpu") != "cpu" or device.get("gpu"):  # a GPU, a TPU...
+        name = device.get("gpu") or device.get("name", device.get("platform", "GPU"))
+        return f"{device['count']}x {name}" if device.get("count", 1) > 1 else name
+    cpu = re.sub(r"\((R|TM)\)", "", device.get("cpu") or "unknown CPU").replace("  ", " ").strip()
+    return f"{cpu}, {device.get('cores', '?')} cores"
 
 
 def seed_dir(out_dir: Path, seed: int, grouped: bool) -> Path:
@@ -233,7 +238,7 @@ class Outputs:
         if self.grouped:
             common["seed_group"] = list(self.seeds)
         self.summaries = [{**common, "config": cfg.replace(seed=s).to_dict()} for s in self.seeds]
-        self.hardware = hardware_label(common["device"])  # recorded in each metrics row
+        self.hardware = hardware_of(common["device"])  # recorded in each metrics row
 
     @property
     def summary(self) -> dict:

@@ -18,6 +18,7 @@ import tomllib
 from pathlib import Path
 
 from jaxbench import config as configs
+from jaxbench.outputs import hardware_of, seed_epoch_time
 
 # The paper's numbers (its Tables I and II, one NVIDIA P100): final accuracy %, seconds per epoch.
 PAPER = {"fmnist_baseline": (92.3, 10), "fmnist_target": (89.5, 13),
@@ -71,8 +72,6 @@ class Run:
     @property
     def epoch_time_s(self) -> float:
         """One seed's train seconds per epoch (a seed group's epoch over its size)."""
-        from jaxbench.outputs import seed_epoch_time
-
         return seed_epoch_time(self.summary)
 
     @property
@@ -95,15 +94,6 @@ def _pick(record: dict, new: str, old: str, where) -> float:
         if record.get(key) is not None:
             return float(record[key])
     raise ReportError(f"{where}: neither {new!r} nor {old!r} is present")
-
-
-def hardware_of(device: dict) -> str:
-    """'NVIDIA H200', or the CPU model and core count for CPU runs."""
-    if device.get("platform", "cpu") != "cpu" or device.get("gpu"):  # a GPU, a TPU...
-        name = device.get("gpu") or device.get("name", device.get("platform", "GPU"))
-        return f"{device['count']}x {name}" if device.get("count", 1) > 1 else name
-    cpu = re.sub(r"\((R|TM)\)", "", device.get("cpu") or "unknown CPU").replace("  ", " ").strip()
-    return f"{cpu}, {device.get('cores', '?')} cores"
 
 
 def protocol_of(summary: dict) -> str:

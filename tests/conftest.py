@@ -31,12 +31,15 @@ def pytest_collection_modifyitems(items: list) -> None:
     items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))
 
 
-def pytest_sessionfinish(session) -> None:
-    """Collect once, then freeze what is left: pytest collects garbage five more times at exit
-    (for unraisable exceptions), each ~0.2-0.6 s over a worker's JAX and TensorFlow objects,
-    and pytest-xdist interrupts a worker (SIGINT, a `KeyboardInterrupt` printed in JAX's gc
-    callback) still at that 5 s after the run ends. This runs before the worker reports
-    finished; garbage made after the freeze is still collected."""
+@pytest.fixture(scope="package", autouse=True)
+def settled_garbage():
+    """At the end of a test run: collect garbage once, then freeze what is left. pytest then
+    collects five more times at exit (for unraisable exceptions), each 0.2-0.6 s over a
+    worker's JAX and TensorFlow objects; pytest-xdist interrupts a worker that is still busy
+    5 s after the run ends (SIGINT, printed as a `KeyboardInterrupt` in JAX's gc callback).
+    This teardown runs after the worker's last test, before it reports finished; garbage made
+    after the freeze is still collected."""
+    yield
     gc.collect()
     gc.freeze()
 

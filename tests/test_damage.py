@@ -553,7 +553,7 @@ def ctrl_c(c: Ctx):
     interrupt_after_epoch_1(c.monkeypatch)
     rc, _, err = main(args(c.arrays, out))
     c.monkeypatch.undo()
-    c.monkeypatch.setattr(outputs, "hardware_label", lambda device: "another machine")
+    c.monkeypatch.setattr(outputs, "hardware_of", lambda device: "another machine")
     rc2, _, err2 = main(args(c.arrays, out, "--resume"))
     c.monkeypatch.undo()
     assert rc2 == 0, err2
