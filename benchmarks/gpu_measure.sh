@@ -5,27 +5,27 @@
 #
 #   OUT=DIR DATA=DIR bash benchmarks/gpu_measure.sh PART [PART ...]
 #
-# PARTs, in the order they were run (each a separate call on one machine, so that the datasets
-# could arrive in pieces beside them):
-#   speed     JAX vs PyTorch (eager, reduce-overhead) and jax-bf16, jax-step-only on all four
-#             experiments (Tiny ImageNet shapes on random pixels, Fashion-MNIST on the real files),
-#             then profiler traces of a tiny_target train call in float32 and bfloat16.
-#   torchbest JAX vs torch-best, one benchmark process per experiment: torch.compile's
-#             max-autotune spent 115 s to over 150 s autotuning each experiment on an H200
-#             (2026-11-27), so it gets a stage of its own, TargetCNN first.
+# PARTs (each a separate call on one machine, so that the Tiny ImageNet archives can arrive in
+# pieces beside them):
+#   speed     JAX vs PyTorch on $MODELS (default: target baseline) of both datasets, random pixels
+#             in each dataset's shapes (speed only, no accuracy): jax, jax-step-only (the input
+#             side's share), jax-bf16, torch-reduce-overhead and torch-best, one benchmark
+#             process per dataset. PyTorch eager was measured on an H200 at 0127a96 (2-7x slower
+#             than JAX); it is left out to fit the lease.
+#   trace     profiler traces of a tiny_target train call in float32 and bfloat16.
+#   torchbest JAX vs torch-best alone, one benchmark process per experiment.
 #   fmnist16  Fashion-MNIST 25 epochs in bfloat16, seed 0 of both models (accuracy cost of bf16).
 #   tiny      Tiny ImageNet 25 epochs, tiny_target seed 0, float32 (the paper's Table II), then
 #             what time is left: XLA GPU flag variants of the tiny_target step.
 #   seeds     tiny_target seeds 1 and 2, as `tiny` ran seed 0 (Table II's spread).
 #   before    before vs after on one machine: the JAX tiny_target step of the source tree in
 #             $BEFORE (an earlier commit: git archive COMMIT jaxbench experiments | tar -x -C DIR)
-#             and of this tree, alternated twice, one process each, then a trace of this tree's
-#             step.
+#             and of this tree, one process each, alternated $ROUNDS times (default 2).
 # BUDGET_S caps the whole call (later stages get what is left, or are skipped).
 # DATA holds fashion-mnist/ (the four official files) and, for `tiny`, tin/ (the two archives).
 # Runs from a source checkout with no TensorFlow (the readers in jaxbench/datasets/files.py).
 set -u
-PARTS="speed torchbest fmnist16 tiny seeds before"
+PARTS="speed trace torchbest fmnist16 tiny seeds before"
 for part in "$@"; do  # every part known before any of them runs
   case " $PARTS " in *" $part "*) ;; *) echo "error: unknown part '$part'; parts: $PARTS" >&2; exit 2 ;; esac
 done
@@ -52,27 +52,28 @@ stage() {  # stage NAME LIMIT_S COMMAND...; with BUDGET_S set, no stage runs pas
   pack
 }
 
-steps=300; epochs=; calls=2; target=tiny_target
-tiny_exps="--exp tiny_target --exp tiny_baseline"; fmnist_exps="--exp fmnist_target --exp fmnist_baseline"
-variants=jax,jax-step-only,jax-bf16,torch-eager,torch-reduce-overhead
+steps=300; epochs=; calls=2; target=tiny_target; MODELS=${MODELS:-target baseline}
+variants=jax,jax-step-only,jax-bf16,torch-reduce-overhead,torch-best
 if [ -n "$SMALL" ]; then  # BaselineCNN only: TargetCNN in bfloat16 crawls on XLA:CPU
   steps=4; epochs="--epochs 1 --train-limit 256 --eval-limit 64"; calls=1; target=tiny_baseline
-  tiny_exps="--exp tiny_baseline"; fmnist_exps="--exp fmnist_baseline"
+  MODELS=baseline; variants=jax,jax-step-only,jax-bf16,torch-best
 fi
 tiny_run() {  # tiny_run SEED LIMIT_S: $target for its 25 epochs on the real Tiny ImageNet
   stage "$target seed $1" "$2" python3 -m jaxbench.run --exp $target --seed "$1" $epochs \
     --manual-dir "$DATA/tin" --run-dir "$RES/runs/${target}_seed$1" \
     --checkpoint-dir "$W/checkpoints/${target}_seed$1"
 }
-synth() {  # Tiny ImageNet's shapes on random pixels: speed only, no accuracy
+synth() {  # each dataset's shapes on random pixels: speed only, no accuracy
   [ -f "$W/tiny_synth.npz" ] || stage synth 30 python3 -c "
 import numpy as np
 r = np.random.default_rng(0)
-np.savez('$W/tiny_synth.npz', dataset='tiny_imagenet',
-         train_images=r.integers(0, 256, (12000, 64, 64, 3), dtype=np.uint8),
-         train_labels=r.integers(0, 200, 12000).astype(np.int32),
-         eval_images=r.integers(0, 256, (320, 64, 64, 3), dtype=np.uint8),
-         eval_labels=r.integers(0, 200, 320).astype(np.int32))"
+for name, dataset, shape, classes in (('tiny', 'tiny_imagenet', (64, 64, 3), 200),
+                                      ('fmnist', 'fashion_mnist', (28, 28, 1), 10)):
+    np.savez(f'$W/{name}_synth.npz', dataset=dataset,
+             train_images=r.integers(0, 256, (12000, *shape), dtype=np.uint8),
+             train_labels=r.integers(0, classes, 12000).astype(np.int32),
+             eval_images=r.integers(0, 256, (320, *shape), dtype=np.uint8),
+             eval_labels=r.integers(0, classes, 320).astype(np.int32))"
 }
 
 for part in "$@"; do
@@ -82,10 +83,14 @@ for part in "$@"; do
       python3 -c "import sys,jax,flax,optax,numpy,torch; print(sys.version.split()[0], \"jax\", jax.__version__, \"flax\", flax.__version__, \"optax\", optax.__version__, \"numpy\", numpy.__version__, \"torch\", torch.__version__, jax.devices())";
       lscpu | grep -m1 "Model name"'
     synth
-    stage bench-tiny 170 python3 -m jaxbench.bench $tiny_exps \
-      --steps $steps --repeats 3 --variants $variants --arrays "$W/tiny_synth.npz" --out "$RES/speed-tiny"
-    stage bench-fmnist 110 python3 -m jaxbench.bench $fmnist_exps \
-      --steps $steps --repeats 3 --variants $variants --manual-dir "$DATA/fashion-mnist" --out "$RES/speed-fmnist"
+    for ds in tiny fmnist; do
+      exps=; for m in $MODELS; do exps="$exps --exp ${ds}_$m"; done
+      stage "bench-$ds ($MODELS)" 200 python3 -m jaxbench.bench $exps --steps $steps --repeats 3 \
+        --variants $variants --arrays "$W/${ds}_synth.npz" --out "$RES/speed-$ds-${MODELS// /-}"
+    done
+    ;;
+  trace)
+    synth
     for dtype in float32 bfloat16; do
       stage "trace-$dtype" 40 python3 benchmarks/gpu_trace.py --exp $target --dtype $dtype \
         --arrays "$W/tiny_synth.npz" --calls $calls --out "$RES/trace"
@@ -95,9 +100,8 @@ for part in "$@"; do
     synth
     for exp in tiny_target fmnist_target tiny_baseline fmnist_baseline; do
       [ -n "$SMALL" ] && [ "${exp#*_}" = target ] && continue
-      data=(--arrays "$W/tiny_synth.npz"); [ "${exp%%_*}" = fmnist ] && data=(--manual-dir "$DATA/fashion-mnist")
-      stage "torch-best $exp" 240 python3 -m jaxbench.bench --exp $exp --steps $steps --repeats 3 \
-        --variants jax,torch-reduce-overhead,torch-best "${data[@]}" --out "$RES/torch-best-$exp"
+      stage "torch-best $exp" 120 python3 -m jaxbench.bench --exp $exp --steps $steps --repeats 3 \
+        --variants jax,torch-best --arrays "$W/${exp%%_*}_synth.npz" --out "$RES/torch-best-$exp"
     done
     ;;
   fmnist16)
@@ -127,16 +131,14 @@ for part in "$@"; do
       log "before: skipped (BEFORE holds no jaxbench/ and experiments/)"; continue
     fi
     synth
-    for round in 1 2; do
+    for round in $(seq "${ROUNDS:-2}"); do
       for tree in before after; do
         src=$PWD; [ $tree = before ] && src=$(realpath "$BEFORE")
-        stage "$tree round $round" 90 env -C "$src" PYTHONPATH="$src" python3 -m jaxbench.bench \
+        stage "$tree round $round" 60 env -C "$src" PYTHONPATH="$src" python3 -m jaxbench.bench \
           --exp $target --steps $steps --repeats 3 --variants jax --arrays "$W/tiny_synth.npz" \
           --out "$RES/$tree-$round"
       done
     done
-    stage "trace-after" 40 python3 benchmarks/gpu_trace.py --exp $target --dtype float32 \
-      --arrays "$W/tiny_synth.npz" --calls $calls --out "$RES/trace-after"
     ;;
   esac
 done

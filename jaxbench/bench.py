@@ -209,6 +209,8 @@ def bench_experiment(cfg, train, test, repeats: int, epochs_per_repeat: int, cud
             log(f"  {label}: FAILED after {time.perf_counter() - t0:.1f}s ({failed[label]})")
             continue
         warm[label] = {"compile_s": compile_s, "warmup_s": time.perf_counter() - t0}
+        if framework == "torch":  # how it ran: compile mode, and for torch-best its CUDA graph
+            warm[label]["settings"] = trainer.record()
         trainers[label], states[label] = trainer, state
         log(f"  {label}: warm-up {warm[label]['warmup_s']:.1f}s (compile {compile_s:.1f}s)")
     times = {label: [] for label in trainers}
@@ -275,6 +277,11 @@ def markdown(result: dict) -> str:
                          f"{row['jax_over_this']:.2f} | {row['warmup_s']:.1f} |")
     lines += [f"\n{exp} `{label}` failed in its warm-up: {why}" for exp, res in
               result["experiments"].items() for label, why in res.get("failed", {}).items()]
+    lines += [f"\n{exp} `{label}` ran without its CUDA graph: {graph[len('failed: '):]}"
+              for exp, res in result["experiments"].items()
+              for label, row in res["variants"].items()
+              if str((graph := row.get("settings", {}).get("torch_best", {}).get("cuda_graph"))
+                     ).startswith("failed: ")]
     lines += ["", "JAX compile per experiment: " + "; ".join(
         f"{exp} `{res['jax_perf']['xla_cpu']}`" for exp, res in result["experiments"].items()
         if "jax_perf" in res) + "."]

@@ -8,22 +8,25 @@ step runs:
   convolutions and matmuls, which is what XLA does on the same GPUs by default (its "DEFAULT"
   precision), so both sides run the same precision; on CPU everything is float32, as for JAX;
 - fused Adam / SGD with the learning rate a device tensor updated in place, so the schedule
-  neither syncs with the host nor triggers a recompile;
-- gather, preprocessing, forward and loss compiled as one graph with `torch.compile`
-  (`max-autotune` on CUDA, whose CUDA graphs also remove the per-kernel launch cost; the default
-  mode on CPU, where max-autotune only lengthens the compile); the backward pass is compiled by
-  the same call (AOTAutograd). Its autotuning picks matmul kernels among cuBLAS and Triton and
-  convolutions among cuDNN's algorithms (`cudnn.benchmark`), not Triton's convolution templates:
-  on an H200 those ran 3-7x slower than cuDNN on every convolution of these models and lost
-  every time, after 115-150+ s of autotuning per experiment
-  (results/speed/2026-11-27-907150c-nvidia-h200/);
+  neither syncs with the host nor changes the recorded step;
+- gather, preprocessing, forward and loss compiled as one graph by `torch.compile` (Inductor's
+  fusions; the backward pass compiled by the same call through AOTAutograd);
+- on CUDA the whole train step (gather, preprocessing, forward, loss, backward, optimizer update,
+  metric sums) recorded once as one CUDA graph and replayed every step, which removes the
+  per-kernel launch cost and the Python between forward, backward and optimizer that
+  `mode="reduce-overhead"`/`"max-autotune"` leave (their CUDA graphs cover forward and backward
+  only). Inductor compiles in its default mode: `max-autotune` spent 115-150 s per experiment
+  on an H200 (results/speed/2026-11-27-907150c-nvidia-h200/) to pick cuDNN for every
+  convolution anyway and Triton matmuls ~0.01 ms faster than cuBLAS on a step of milliseconds;
 - the epoch's index array uploaded once per epoch, not once per step.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import dataclasses
+import sys
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -31,8 +34,77 @@ import torch.nn.functional as F
 
 from jaxbench.torch_twin import State, Trainer, build, preprocess
 
-# max-autotune's candidates for convolutions: ATen's (cuDNN's, which cudnn.benchmark tunes) only.
-CONV_BACKENDS = "ATEN"
+# Steps run before a CUDA graph is recorded (cudnn.benchmark's search, torch.compile's compile,
+# the optimizer's state): on a side stream, as CUDA graphs need, and undone afterwards.
+WARMUP_STEPS = 3
+
+Body = Callable[[State, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
+
+
+@dataclasses.dataclass
+class BestState(State):
+    # The recorded steps, one per batch shape (an epoch's shorter last batch gets its own).
+    graphs: dict = dataclasses.field(default_factory=dict)
+
+
+def _snapshot(state: State) -> tuple[list[torch.Tensor], dict]:
+    """Copies of everything a train step changes: parameters, BatchNorm statistics, optimizer
+    state."""
+    model = [t.detach().clone() for t in (*state.model.parameters(), *state.model.buffers())]
+    opt = {p: {k: v.clone() for k, v in s.items() if torch.is_tensor(v)}
+           for p, s in state.optimizer.state.items()}
+    return model, opt
+
+
+@torch.no_grad()
+def _restore(state: State, saved: tuple[list[torch.Tensor], dict]) -> None:
+    """Back to `saved`, in place (a recorded graph keeps the tensors' addresses). Optimizer state
+    the warm-up created is zeroed, which is the state a first step starts from: Adam's step count
+    and moments, SGD's momentum buffer (momentum * 0 + gradient is the first step's buffer)."""
+    model, opt = saved
+    for t, old in zip((*state.model.parameters(), *state.model.buffers()), model):
+        t.copy_(old)
+    for p, s in state.optimizer.state.items():
+        for k, v in s.items():
+            if torch.is_tensor(v):
+                v.copy_(opt[p][k]) if p in opt else v.zero_()
+
+
+class RecordedStep:
+    """One train step recorded once and replayed: `body` on a fixed index buffer.
+
+    The warm-up steps change the state they train, so the state is copied before them and put
+    back after; what the recorded graph then does from that state is exactly one step of `body`.
+    `cuda=False` runs the same warm-up and restore and calls `body` instead of replaying it, which
+    is how the CPU tests check that recording leaves the numbers alone.
+    """
+
+    def __init__(self, body: Body, state: State, idx: torch.Tensor, cuda: bool):
+        self.body, self.state, self.idx, self.graph = body, state, idx.clone(), None
+        saved = _snapshot(state)
+        side = torch.cuda.Stream() if cuda else None
+        if cuda:
+            side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
+            for _ in range(WARMUP_STEPS):
+                body(state, self.idx)
+        if cuda:
+            torch.cuda.current_stream().wait_stream(side)
+        _restore(state, saved)
+        state.optimizer.zero_grad(set_to_none=True)  # backward allocates them in the graph's pool
+        if cuda:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = body(state, self.idx)
+
+    def __call__(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step on `idx`. The outputs are the graph's own buffers, overwritten by the next
+        replay: the caller adds them up before then (the epoch loop does, on the same stream)."""
+        self.idx.copy_(idx)
+        if self.graph is None:
+            return self.body(self.state, self.idx)
+        self.graph.replay()
+        return self.out
 
 
 class BestTrainer(Trainer):
@@ -42,15 +114,17 @@ class BestTrainer(Trainer):
         super().__post_init__()
         self.cuda = self.device.startswith("cuda")
         self.compile_mode = "best"
-        self.inductor_mode = "max-autotune" if self.cuda else "default"
+        self.inductor_mode = "default"
+        self.recorded = self.cuda  # the whole step as one CUDA graph
+        self.graph_error: str | None = None
 
-    def init_state(self) -> State:
+    def init_state(self) -> BestState:
         torch.manual_seed(self.cfg.seed)
         model = build(self.cfg.model, self.cfg.num_classes, self.cfg.image_size).to(self.device)
         model = model.to(memory_format=torch.channels_last)
         lr = torch.tensor(self.schedule(0), dtype=torch.float32, device=self.device)
-        if self.cfg.optimizer == "adam":
-            opt = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+        if self.cfg.optimizer == "adam":  # capturable: its step count stays on the device
+            opt = torch.optim.Adam(model.parameters(), lr=lr, fused=True, capturable=self.cuda)
         else:
             opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=self.cfg.momentum,
                                   fused=True)
@@ -66,26 +140,20 @@ class BestTrainer(Trainer):
             return F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(1) == y).sum()
 
         step_fn = torch.compile(forward, mode=self.inductor_mode, dynamic=False)
-        return State(model, step_fn, opt)
+        return BestState(model, step_fn, opt)
 
     @contextlib.contextmanager
     def _backend_flags(self) -> Iterator[None]:
-        """cudnn.benchmark, TF32 and the convolution autotuning choice while this trainer runs,
-        restored after: they are global in PyTorch, and the benchmark runs the plain twin in the
-        same process."""
+        """cudnn.benchmark and TF32 while this trainer runs, restored after: they are global in
+        PyTorch, and the benchmark runs the plain twin in the same process."""
         flags = (torch.backends.cudnn, "benchmark"), (torch.backends.cudnn, "allow_tf32"), \
             (torch.backends.cuda.matmul, "allow_tf32")
         before = [getattr(obj, name) for obj, name in flags]
-        inductor = contextlib.nullcontext()
         if self.cuda:
-            from torch._inductor import config as inductor_config
-
             for obj, name in flags:
                 setattr(obj, name, True)
-            inductor = inductor_config.patch(max_autotune_conv_backends=CONV_BACKENDS)
         try:
-            with inductor:
-                yield
+            yield
         finally:
             for (obj, name), value in zip(flags, before):
                 setattr(obj, name, value)
@@ -95,22 +163,46 @@ class BestTrainer(Trainer):
             return super().evaluate(state)
 
     def _set_lr(self, state: State) -> None:
-        for group in state.optimizer.param_groups:  # in place: the compiled step sees no change
+        for group in state.optimizer.param_groups:  # in place: the recorded step reads it
             group["lr"].fill_(self.schedule(state.step))
 
-    def _train_step(self, state: State, idx: np.ndarray | torch.Tensor
+    @staticmethod
+    def _body(state: State, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, right = state.step_model(idx)
+        state.optimizer.zero_grad(set_to_none=True)
+        (loss / idx.shape[0]).backward()
+        state.optimizer.step()
+        return loss.detach(), right
+
+    def _recorded(self, state: BestState, idx: torch.Tensor) -> RecordedStep | None:
+        """The recorded step for `idx`'s shape, recorded when first met; None where recording
+        failed (a PyTorch build that cannot capture some op): the step then runs unrecorded, and
+        `record()` says why."""
+        step = state.graphs.get(tuple(idx.shape))
+        if step is None and self.graph_error is None:
+            saved = _snapshot(state)
+            try:
+                step = state.graphs[tuple(idx.shape)] = RecordedStep(self._body, state, idx,
+                                                                     self.cuda)
+            except RuntimeError as err:
+                _restore(state, saved)
+                state.optimizer.zero_grad(set_to_none=True)
+                self.graph_error = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+                print(f"warning: torch-best could not record its step as a CUDA graph "
+                      f"({self.graph_error}); it runs unrecorded", file=sys.stderr)
+        return step
+
+    def _train_step(self, state: BestState, idx: np.ndarray | torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One step on `idx`: a row of the device-resident epoch order (or host indices)."""
         if isinstance(idx, np.ndarray):
             idx = torch.from_numpy(idx).to(self.device)
         with self._backend_flags():
             self._set_lr(state)
-            loss, right = state.step_model(idx)
-            state.optimizer.zero_grad(set_to_none=True)
-            (loss / idx.shape[0]).backward()
-            state.optimizer.step()
+            step = self._recorded(state, idx) if self.recorded else None
+            loss, right = step(idx) if step is not None else self._body(state, idx)
         state.step += 1
-        return loss.detach(), right
+        return loss, right
 
     def _epoch_indices(self, order: np.ndarray) -> torch.Tensor:
         """The epoch's indices on the device once, not once per step."""
@@ -124,10 +216,11 @@ class BestTrainer(Trainer):
         return self.schedule(max(state.step - 1, 0))
 
     def record(self) -> dict:
+        graph = ("whole step" if self.recorded and self.graph_error is None else
+                 f"failed: {self.graph_error}" if self.recorded else None)
         return {"torch_compile": "best", "torch_device": self.device,
                 "torch_best": {"memory_format": "channels_last", "fused_optimizer": True,
-                               "inductor_mode": self.inductor_mode,
-                               "conv_autotune": CONV_BACKENDS if self.cuda else None,
+                               "inductor_mode": self.inductor_mode, "cuda_graph": graph,
                                "cudnn_benchmark": bool(self.cuda),
                                "tf32": bool(self.cuda), "lr": "device tensor",
                                "indices": "uploaded once per epoch"}}
