@@ -217,8 +217,9 @@ def speed_section(benches: list, out: Path) -> str:
         lines.append("")
         for i, (path, data, prov) in enumerate(files, 1):
             versions = ", ".join(f"{k} {v}" for k, v in data.get("versions", {}).items())
+            note = f" {prov['speed_note']}" if prov.get("speed_note") else ""  # e.g. a known flaw
             lines.append(f"[{i}] [{_shown(path)}]({_link(path, out)}): `{paper.scrub(data['command'])}`; "
-                         f"{_when(prov, out)}; {versions}.  ")
+                         f"{_when(prov, out)}; {versions}.{note}  ")
     return "\n".join(lines)
 
 

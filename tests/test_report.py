@@ -71,7 +71,10 @@ def runs(tmp_path_factory) -> Path:
              "experiments": {"fmnist_baseline": {"variants": {
                  "jax": {"per_1000_images_s": 0.5}, "torch-eager": {"per_1000_images_s": 0.4},
                  "torch-compile": {"per_1000_images_s": 1.0}}}}}
-    (root / "cpu" / "bench.json").write_text(json.dumps(bench))
+    (root / "cpu" / "speed").mkdir()
+    (root / "cpu" / "speed" / "bench.json").write_text(json.dumps(bench))
+    (root / "cpu" / "speed" / "provenance.json").write_text(json.dumps(
+        {"speed_note": "Its PyTorch rows include a host-side cost found later."}))
     return root
 
 
@@ -134,6 +137,9 @@ def test_speed_table_ratio_within_one_file_and_no_local_paths(generated):
     assert cells[2:5] == ["30.0 s", "24.0 s", "60.0 s"]  # 60,000 images per epoch
     assert cells[5] == "1.25 (vs torch-eager)"
     assert "--data-dir DIR" in readme and "/some/where" not in readme
+    # A bench file's provenance can carry a note, printed with its source line.
+    assert re.search(r"^\[1\] .*speed/bench\.json.*; jax 0\.10\.2\. Its PyTorch rows include a "
+                     r"host-side cost found later\.  $", readme, re.M)
 
 
 def test_pngs_are_written_and_valid(generated):
