@@ -64,16 +64,17 @@ tiny_run() {  # tiny_run SEED LIMIT_S: $target for its 25 epochs on the real Tin
     --checkpoint-dir "$W/checkpoints/${target}_seed$1"
 }
 synth() {  # each dataset's shapes on random pixels: speed only, no accuracy
-  [ -f "$W/tiny_synth.npz" ] || stage synth 30 python3 -c "
-import numpy as np
+  [ -f "$W/tiny_synth.npz" ] && [ -f "$W/fmnist_synth.npz" ] || stage synth 30 python3 -c "
+import os, numpy as np
 r = np.random.default_rng(0)
 for name, dataset, shape, classes in (('tiny', 'tiny_imagenet', (64, 64, 3), 200),
                                       ('fmnist', 'fashion_mnist', (28, 28, 1), 10)):
-    np.savez(f'$W/{name}_synth.npz', dataset=dataset,
+    np.savez(f'$W/{name}_synth.part.npz', dataset=dataset,
              train_images=r.integers(0, 256, (12000, *shape), dtype=np.uint8),
              train_labels=r.integers(0, classes, 12000).astype(np.int32),
              eval_images=r.integers(0, 256, (320, *shape), dtype=np.uint8),
-             eval_labels=r.integers(0, classes, 320).astype(np.int32))"
+             eval_labels=r.integers(0, classes, 320).astype(np.int32))
+    os.replace(f'$W/{name}_synth.part.npz', f'$W/{name}_synth.npz')  # whole files only"
 }
 
 for part in "$@"; do

@@ -277,11 +277,6 @@ def markdown(result: dict) -> str:
                          f"{row['jax_over_this']:.2f} | {row['warmup_s']:.1f} |")
     lines += [f"\n{exp} `{label}` failed in its warm-up: {why}" for exp, res in
               result["experiments"].items() for label, why in res.get("failed", {}).items()]
-    lines += [f"\n{exp} `{label}` ran without its CUDA graph: {graph[len('failed: '):]}"
-              for exp, res in result["experiments"].items()
-              for label, row in res["variants"].items()
-              if str((graph := row.get("settings", {}).get("torch_best", {}).get("cuda_graph"))
-                     ).startswith("failed: ")]
     lines += ["", "JAX compile per experiment: " + "; ".join(
         f"{exp} `{res['jax_perf']['xla_cpu']}`" for exp, res in result["experiments"].items()
         if "jax_perf" in res) + "."]

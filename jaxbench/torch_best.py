@@ -12,8 +12,9 @@ step runs:
 - gather, preprocessing, forward and loss compiled as one graph by `torch.compile` (Inductor's
   fusions; the backward pass compiled by the same call through AOTAutograd);
 - on CUDA the whole train step (gather, preprocessing, forward, loss, backward, optimizer update,
-  metric sums) recorded once as one CUDA graph and replayed every step, which removes the
-  per-kernel launch cost and the Python between forward, backward and optimizer that
+  the batch's loss and correct count) recorded once as one CUDA graph and replayed every step
+  (a PyTorch that cannot record it fails the variant, rather than timing something else). That
+  removes the per-kernel launch cost and the Python between forward, backward and optimizer that
   `mode="reduce-overhead"`/`"max-autotune"` leave (their CUDA graphs cover forward and backward
   only). Inductor compiles in its default mode: `max-autotune` spent 115-150 s per experiment
   on an H200 (results/speed/2026-11-27-907150c-nvidia-h200/) to pick cuDNN for every
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import sys
 from typing import Callable, Iterator
 
 import numpy as np
@@ -43,8 +43,7 @@ Body = Callable[[State, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
 
 @dataclasses.dataclass
 class BestState(State):
-    # The recorded steps, one per batch shape (an epoch's shorter last batch gets its own).
-    graphs: dict = dataclasses.field(default_factory=dict)
+    recorded: "RecordedStep | None" = None  # every batch has one shape (data.epoch_order)
 
 
 def _snapshot(state: State) -> tuple[list[torch.Tensor], dict]:
@@ -60,7 +59,8 @@ def _snapshot(state: State) -> tuple[list[torch.Tensor], dict]:
 def _restore(state: State, saved: tuple[list[torch.Tensor], dict]) -> None:
     """Back to `saved`, in place (a recorded graph keeps the tensors' addresses). Optimizer state
     the warm-up created is zeroed, which is the state a first step starts from: Adam's step count
-    and moments, SGD's momentum buffer (momentum * 0 + gradient is the first step's buffer)."""
+    and moments, SGD's momentum buffer (momentum * 0 + gradient is the first step's buffer, with
+    the dampening of 0 this project uses)."""
     model, opt = saved
     for t, old in zip((*state.model.parameters(), *state.model.buffers()), model):
         t.copy_(old)
@@ -85,11 +85,13 @@ class RecordedStep:
         side = torch.cuda.Stream() if cuda else None
         if cuda:
             side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
-            for _ in range(WARMUP_STEPS):
-                body(state, self.idx)
-        if cuda:
-            torch.cuda.current_stream().wait_stream(side)
+        try:
+            with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
+                for _ in range(WARMUP_STEPS):
+                    body(state, self.idx)
+        finally:
+            if cuda:
+                torch.cuda.current_stream().wait_stream(side)
         _restore(state, saved)
         state.optimizer.zero_grad(set_to_none=True)  # backward allocates them in the graph's pool
         if cuda:
@@ -116,7 +118,6 @@ class BestTrainer(Trainer):
         self.compile_mode = "best"
         self.inductor_mode = "default"
         self.recorded = self.cuda  # the whole step as one CUDA graph
-        self.graph_error: str | None = None
 
     def init_state(self) -> BestState:
         torch.manual_seed(self.cfg.seed)
@@ -174,24 +175,6 @@ class BestTrainer(Trainer):
         state.optimizer.step()
         return loss.detach(), right
 
-    def _recorded(self, state: BestState, idx: torch.Tensor) -> RecordedStep | None:
-        """The recorded step for `idx`'s shape, recorded when first met; None where recording
-        failed (a PyTorch build that cannot capture some op): the step then runs unrecorded, and
-        `record()` says why."""
-        step = state.graphs.get(tuple(idx.shape))
-        if step is None and self.graph_error is None:
-            saved = _snapshot(state)
-            try:
-                step = state.graphs[tuple(idx.shape)] = RecordedStep(self._body, state, idx,
-                                                                     self.cuda)
-            except RuntimeError as err:
-                _restore(state, saved)
-                state.optimizer.zero_grad(set_to_none=True)
-                self.graph_error = f"{type(err).__name__}: {str(err).splitlines()[0]}"
-                print(f"warning: torch-best could not record its step as a CUDA graph "
-                      f"({self.graph_error}); it runs unrecorded", file=sys.stderr)
-        return step
-
     def _train_step(self, state: BestState, idx: np.ndarray | torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One step on `idx`: a row of the device-resident epoch order (or host indices)."""
@@ -199,8 +182,12 @@ class BestTrainer(Trainer):
             idx = torch.from_numpy(idx).to(self.device)
         with self._backend_flags():
             self._set_lr(state)
-            step = self._recorded(state, idx) if self.recorded else None
-            loss, right = step(idx) if step is not None else self._body(state, idx)
+            if not self.recorded:
+                loss, right = self._body(state, idx)
+            else:  # recorded at the first step; a failure to record is an error, not a fallback
+                if state.recorded is None:
+                    state.recorded = RecordedStep(self._body, state, idx, self.cuda)
+                loss, right = state.recorded(idx)
         state.step += 1
         return loss, right
 
@@ -216,8 +203,7 @@ class BestTrainer(Trainer):
         return self.schedule(max(state.step - 1, 0))
 
     def record(self) -> dict:
-        graph = ("whole step" if self.recorded and self.graph_error is None else
-                 f"failed: {self.graph_error}" if self.recorded else None)
+        graph = "whole step" if self.recorded and self.cuda else None
         return {"torch_compile": "best", "torch_device": self.device,
                 "torch_best": {"memory_format": "channels_last", "fused_optimizer": True,
                                "inductor_mode": self.inductor_mode, "cuda_graph": graph,

@@ -151,7 +151,7 @@ _NUMPY_OPS = {jax.lax.add_p: np.add, jax.lax.sub_p: np.subtract, jax.lax.mul_p: 
 
 
 def schedule_table(schedule: Callable, n: int) -> np.ndarray:
-    """`[float(schedule(s)) for s in range(n)]` bit for bit, in milliseconds, on the CPU.
+    """`[float(schedule(s)) for s in range(n)]` evaluated on the CPU, bit for bit, in milliseconds.
 
     Per-step evaluation costs a JAX dispatch per op (~0.4 ms a step on a CPU, a GPU round trip
     on a GPU machine), too slow for 80,000 steps; plain vectorized evaluation is fast but not
@@ -168,6 +168,11 @@ def schedule_table(schedule: Callable, n: int) -> np.ndarray:
     env[jaxpr.invars[0]] = np.arange(n, dtype=np.int32)
     with jax.default_device(jax.devices("cpu")[0]):
         for eqn in jaxpr.eqns:
+            if eqn.primitive.multiple_results or any(
+                    isinstance(v, (jax.extend.core.Jaxpr, jax.extend.core.ClosedJaxpr))
+                    for v in eqn.params.values()):
+                raise ValueError(f"schedule_table: {eqn.primitive} (a nested or multi-output "
+                                 "operation) is not evaluated here; tabulate per step instead")
             args = [np.asarray(read(v), v.aval.dtype) for v in eqn.invars]
             if eqn.primitive in _NUMPY_OPS:
                 out = _NUMPY_OPS[eqn.primitive](*args)
