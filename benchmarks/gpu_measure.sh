@@ -10,8 +10,8 @@
 #   speed     JAX vs PyTorch on $MODELS (default: target baseline) of both datasets, random pixels
 #             in each dataset's shapes (speed only, no accuracy): jax, jax-step-only (the input
 #             side's share), jax-bf16, torch-reduce-overhead and torch-best, one benchmark
-#             process per dataset. PyTorch eager was measured on an H200 at 0127a96 (2-7x slower
-#             than JAX); it is left out to fit the lease.
+#             process per dataset. PyTorch eager (4-8x slower than JAX on Tiny ImageNet, H200,
+#             2026-11-28) is left out to keep the GPU run within 15 minutes.
 #   trace     profiler traces of a tiny_target train call in float32 and bfloat16.
 #   torchbest JAX vs torch-best alone, one benchmark process per experiment.
 #   fmnist16  Fashion-MNIST 25 epochs in bfloat16, seed 0 of both models (accuracy cost of bf16).
