@@ -9,18 +9,23 @@
 # pieces beside them):
 #   speed     JAX vs PyTorch on $MODELS (default: target baseline) of both datasets, random pixels
 #             in each dataset's shapes (speed only, no accuracy): jax, jax-step-only (the input
-#             side's share), jax-bf16, torch-reduce-overhead and torch-best, one benchmark
+#             side's share), jax-bf16, jax-stem-patches (the first convolution as one matrix
+#             product over image patches), torch-reduce-overhead and torch-best, one benchmark
 #             process per dataset. PyTorch eager (4-8x slower than JAX on Tiny ImageNet, H200,
 #             2026-11-28) is left out to keep the GPU run within 15 minutes.
-#   trace     profiler traces of a tiny_target train call in float32 and bfloat16.
+#   trace     profiler traces of a tiny_target train call in float32 and bfloat16, and in
+#             float32 with the patches stem (`--stem-conv patches`).
 #   torchbest JAX vs torch-best alone, one benchmark process per experiment.
 #   fmnist16  Fashion-MNIST 25 epochs in bfloat16, seed 0 of both models (accuracy cost of bf16).
 #   tiny      Tiny ImageNet 25 epochs, tiny_target seed 0, float32 (the paper's Table II), then
 #             what time is left: XLA GPU flag variants of the tiny_target step.
 #   seeds     tiny_target seeds 1 and 2, as `tiny` ran seed 0 (Table II's spread).
-#   before    before vs after on one machine: the JAX tiny_target step of the source tree in
-#             $BEFORE (an earlier commit: git archive COMMIT jaxbench experiments | tar -x -C DIR)
-#             and of this tree, one process each, alternated $ROUNDS times (default 2).
+#   before    before vs after on one machine: the JAX variants $VARIANTS (default: jax) of the
+#             experiments $EXPS (default: tiny_target) with the source tree in $BEFORE (an earlier
+#             commit: git archive COMMIT jaxbench experiments | tar -x -C DIR) and with this tree,
+#             one process each, alternated $ROUNDS times (default 2). For the lagged NaN check
+#             (commit 0d6bc0b): BEFORE = the tree of dfee676, EXPS="tiny_target tiny_baseline",
+#             VARIANTS=jax,jax-step-only.
 # BUDGET_S caps the whole call (later stages get what is left, or are skipped).
 # DATA holds fashion-mnist/ (the four official files) and, for `tiny`, tin/ (the two archives).
 # Runs from a source checkout with no TensorFlow (the readers in jaxbench/datasets/files.py).
@@ -53,10 +58,11 @@ stage() {  # stage NAME LIMIT_S COMMAND...; with BUDGET_S set, no stage runs pas
 }
 
 steps=300; epochs=; calls=2; target=tiny_target; MODELS=${MODELS:-target baseline}
-variants=jax,jax-step-only,jax-bf16,torch-reduce-overhead,torch-best
+variants=jax,jax-step-only,jax-bf16,jax-stem-patches,torch-reduce-overhead,torch-best
+EXPS=${EXPS:-tiny_target}; VARIANTS=${VARIANTS:-jax}
 if [ -n "$SMALL" ]; then  # BaselineCNN only: TargetCNN in bfloat16 crawls on XLA:CPU
   steps=4; epochs="--epochs 1 --train-limit 256 --eval-limit 64"; calls=1; target=tiny_baseline
-  MODELS=baseline; variants=jax,jax-step-only,jax-bf16,torch-best
+  MODELS=baseline; variants=jax,jax-step-only,jax-bf16,torch-best; EXPS=tiny_baseline
 fi
 tiny_run() {  # tiny_run SEED LIMIT_S: $target for its 25 epochs on the real Tiny ImageNet
   stage "$target seed $1" "$2" python3 -m jaxbench.run --exp $target --seed "$1" $epochs \
@@ -92,8 +98,8 @@ for part in "$@"; do
     ;;
   trace)
     synth
-    for dtype in float32 bfloat16; do
-      stage "trace-$dtype" 40 python3 benchmarks/gpu_trace.py --exp $target --dtype $dtype \
+    for how in "--dtype float32" "--dtype bfloat16" "--dtype float32 --stem-conv patches"; do
+      stage "trace $how" 40 python3 benchmarks/gpu_trace.py --exp $target $how \
         --arrays "$W/tiny_synth.npz" --calls $calls --out "$RES/trace"
     done
     ;;
@@ -132,12 +138,13 @@ for part in "$@"; do
       log "before: skipped (BEFORE holds no jaxbench/ and experiments/)"; continue
     fi
     synth
+    exp_args=; for exp in $EXPS; do exp_args="$exp_args --exp $exp"; done
     for round in $(seq "${ROUNDS:-2}"); do
       for tree in before after; do
         src=$PWD; [ $tree = before ] && src=$(realpath "$BEFORE")
-        stage "$tree round $round" 60 env -C "$src" PYTHONPATH="$src" python3 -m jaxbench.bench \
-          --exp $target --steps $steps --repeats 3 --variants jax --arrays "$W/tiny_synth.npz" \
-          --out "$RES/$tree-$round"
+        stage "$tree round $round" 90 env -C "$src" PYTHONPATH="$src" python3 -m jaxbench.bench \
+          $exp_args --steps $steps --repeats 3 --variants $VARIANTS \
+          --arrays "$W/tiny_synth.npz" --out "$RES/$tree-$round"
       done
     done
     ;;

@@ -1,7 +1,7 @@
 """Where a train step's time goes on a GPU: a profiler trace of the trainer's compiled calls.
 
     PYTHONPATH=. python benchmarks/gpu_trace.py --exp tiny_target --arrays tiny.npz --out DIR \
-        [--dtype bfloat16] [--calls 2]
+        [--dtype bfloat16] [--stem-conv patches] [--calls 2]
 
 Builds the experiment's JAX trainer exactly as a run does (its steps per call, its compile),
 trains one epoch to warm up, then records `--calls` train calls with `jax.profiler` as a Perfetto
@@ -15,7 +15,7 @@ trace (plain JSON, no TensorBoard needed) and sums up the device's side of it:
   matmul, fusion, copy, other).
 
 Writes DIR/trace-<exp>-<dtype>.json (the summary) and DIR/trace-<exp>-<dtype>.json.gz (the
-trace). Prints the summary's headline numbers.
+trace); with `--stem-conv S`, trace-<exp>-<dtype>-stem-S.*. Prints the summary's headline numbers.
 """
 
 from __future__ import annotations
@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arrays", required=True, help=".npz of `python -m jaxbench.data export`")
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", default="float32", choices=perf.DTYPES)
+    p.add_argument("--stem-conv", choices=perf.STEM_CONVS, help="default: the run's")
     p.add_argument("--calls", type=cli.positive_int, default=2, help="train calls to record")
     p.add_argument("--steps-per-call", type=cli.positive_int,
                    help="default: the run's (perf.steps_per_call)")
@@ -126,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
 
     cli.enable_compile_cache()
     try:
-        cfg = config.load(args.exp).replace(dtype=args.dtype, steps_per_call=args.steps_per_call)
+        cfg = config.load(args.exp).replace(dtype=args.dtype, steps_per_call=args.steps_per_call,
+                                            stem_conv=args.stem_conv)
         # The run's steps per call (only that is read: the XLA:CPU check is skipped here).
         k = perf.resolve(cfg.perf, jax.default_backend(), cfg.model, cfg.num_classes,
                          cfg.batch_size, cfg.image_size,
@@ -157,12 +159,14 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        stem = f"trace-{args.exp}-{args.dtype}"
+        stem = f"trace-{args.exp}-{args.dtype}" + (f"-stem-{args.stem_conv}" if args.stem_conv
+                                                     else "")
         shutil.copy(found[0], out / f"{stem}.json.gz")
     with gzip.open(out / f"{stem}.json.gz", "rt") as f:
         trace = json.load(f)
     events, census = device_events(trace)
-    summary = {"exp": args.exp, "dtype": args.dtype, "device": str(jax.devices()[0].device_kind),
+    summary = {"exp": args.exp, "dtype": args.dtype, "stem_conv": trainer.perf.stem_conv,
+               "device": str(jax.devices()[0].device_kind),
                "jax": jax.__version__, "steps_per_call": trainer.steps_per_call,
                "calls": args.calls, "compile_s": compile_s,
                "untraced_ms_per_step": untraced_s / steps * 1e3,

@@ -1,12 +1,14 @@
-"""BaselineCNN's first layer on XLA:CPU: XLA's convolution vs `models.tap_conv`, same process.
+"""A model's first layer: XLA's convolution vs `models.tap_conv` vs `models.patch_conv`.
 
     python benchmarks/stem_ab.py --repeats 9
+    python benchmarks/stem_ab.py --exp tiny_target --stems xla,patches --repeats 5 --calls 3
 
 Times, at batch 32, the forward+backward pass alone and the whole jitted train step
-(`train.train_step`: loss, gradients, Adam update), compiled with `--xla-cpu` options
-(`perf.compile_lowered`), once per `perf.stem_conv` setting: "xla" (XLA's convolution) and
-"taps" (`models.tap_conv`). Variants alternate within every repeat; medians in ms are printed as
-a Markdown table. This is the measurement behind `perf.stem_conv = "auto"` choosing taps on CPU.
+(`train.train_step`: loss, gradients, optimizer update), compiled with `--xla-cpu` options
+(`perf.compile_lowered`; ignored off CPU), once per `perf.stem_conv` setting in `--stems`:
+"xla" (XLA's convolution), "taps" (`models.tap_conv`), "patches" (`models.patch_conv`). Variants
+alternate within every repeat; medians in ms are printed as a Markdown table. This is the
+measurement behind `perf.stem_conv = "auto"` choosing taps for BaselineCNN on CPU.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import jax.numpy as jnp
 
 from jaxbench import config, models, perf, train
 
-STEMS = ("xla", "taps")
+STEMS = ("xla", "taps", "patches")
 
 
 def compiled(cfg: config.Config, stem: str, options: dict, x: jax.Array, y: jax.Array) -> dict:
@@ -50,12 +52,16 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--calls", type=int, default=30, help="calls per timing")
     p.add_argument("--xla-cpu", choices=list(perf.XLA_CPU_OPTIONS), default="ynn-reduce")
+    p.add_argument("--stems", default=",".join(STEMS), help=f"comma-separated, of {STEMS}")
     args = p.parse_args()
-    options = perf.XLA_CPU_OPTIONS[args.xla_cpu]
+    stems = args.stems.split(",")
+    if set(stems) - set(STEMS):
+        p.error(f"--stems: unknown {sorted(set(stems) - set(STEMS))}; choose from {STEMS}")
+    options = perf.XLA_CPU_OPTIONS[args.xla_cpu] if jax.default_backend() == "cpu" else {}
     cfg = config.load(args.exp)
     x = jax.random.normal(jax.random.key(0), (cfg.batch_size, cfg.image_size, cfg.image_size, 3))
     y = jnp.arange(cfg.batch_size) % cfg.num_classes
-    fns = {(stem, what): fn for stem in STEMS
+    fns = {(stem, what): fn for stem in stems
            for what, fn in compiled(cfg, stem, options, x, y).items()}
     times: dict = {k: [] for k in fns}
     for _ in range(args.repeats):
@@ -66,12 +72,15 @@ def main() -> None:
                 out = fn()
             jax.block_until_ready(out)
             times[k].append((time.perf_counter() - t0) / args.calls * 1e3)
+    compile_ = f"XLA:CPU compile {args.xla_cpu}" if jax.default_backend() == "cpu" else "XLA"
     print(f"backend {jax.default_backend()}, jax {jax.__version__}; {args.exp}, batch "
-          f"{cfg.batch_size}, XLA:CPU compile {args.xla_cpu}; median (min) of {args.repeats} repeats of {args.calls} calls, ms\n")
-    print("| measured | stem xla | stem taps |\n|---|---:|---:|")
+          f"{cfg.batch_size}, {compile_}; median (min) of {args.repeats} repeats of "
+          f"{args.calls} calls, ms\n")
+    print("| measured | " + " | ".join(f"stem {s}" for s in stems) + " |\n|---|"
+          + "---:|" * len(stems))
     for what in ("fwd+bwd", "train step"):
         cells = [f"{statistics.median(times[(s, what)]):.2f} ({min(times[(s, what)]):.2f})"
-                 for s in STEMS]
+                 for s in stems]
         print(f"| {what} | {' | '.join(cells)} |")
 
 

@@ -32,6 +32,7 @@ from jaxbench.config import ConfigError
 
 VARIANTS = {"jax": ("jax", "none"), "jax-xla-default": ("jax", "none"),
             "jax-step-only": ("jax", "none"), "jax-bf16": ("jax", "none"),
+            "jax-stem-patches": ("jax", "none"),
             "jax-seeds3": ("jax", "none"), "jax-seeds3-vmap": ("jax", "none"),
             "torch-eager": ("torch", "none"),
             "torch-compile": ("torch", "default"), "torch-reduce-overhead": ("torch", "reduce-overhead"),
@@ -49,15 +50,18 @@ def variants(cuda: bool, only: Sequence[str] | None = None) -> list[tuple[str, s
     compiled with XLA's default options, `perf.xla_cpu = "default"`: the before/after of the
     run's compile choice in one run) exists only where JAX runs on CPU. jax-step-only
     (`StepOnly`) measures the input side. jax-bf16 is the same experiment with `--dtype
-    bfloat16` (skipped when the run is bfloat16 already). JAX always runs: ratios are against
-    it. jax-seeds3 trains seeds 0, 1, 2 as one seed group (`--seeds`, the run's
+    bfloat16` (skipped when the run is bfloat16 already). jax-stem-patches runs the first
+    convolution as one matrix product over image patches (`--stem-conv patches`,
+    `models.patch_conv`); it exists off CPU only (on XLA:CPU it was the slowest stem:
+    benchmarks/stem_ab.py). JAX always runs: ratios are against it. jax-seeds3 trains seeds 0, 1, 2 as one seed group (`--seeds`, the run's
     `perf.seed_group`), jax-seeds3-vmap the same group vmapped; their times are per seed (the
     group's time / 3), and `group_over_one` is the group's epoch over one seed's.
     """
     import jax
 
+    cpu = jax.default_backend() == "cpu"
     labels = [k for k in VARIANTS if (cuda or k != "torch-reduce-overhead")
-              and (jax.default_backend() == "cpu" or k != "jax-xla-default")]
+              and (cpu or k != "jax-xla-default") and (not cpu or k != "jax-stem-patches")]
     if only:
         labels = [k for k in labels if k in only or k == "jax"]
     return [(k, *VARIANTS[k]) for k in labels]
@@ -187,11 +191,13 @@ def bench_experiment(cfg, train, test, repeats: int, epochs_per_repeat: int, cud
                      only: Sequence[str] | None = None, log=print) -> dict:
     trainers, states, warm, failed = {}, {}, {}, {}
     for label, framework, mode in variants(cuda, only):
-        if label == "jax-bf16" and cfg.perf.dtype == "bfloat16":
-            continue  # the run is bfloat16 already: `jax` is this variant
+        if ((label == "jax-bf16" and cfg.perf.dtype == "bfloat16")
+                or (label == "jax-stem-patches" and cfg.perf.stem_conv == "patches")):
+            continue  # the run is that already: `jax` is this variant
         variant_cfg = (cfg.replace(xla_cpu="default") if label == "jax-xla-default" else
                        cfg.replace(seed_group="vmap") if label == "jax-seeds3-vmap" else
-                       cfg.replace(dtype="bfloat16") if label == "jax-bf16" else cfg)
+                       cfg.replace(dtype="bfloat16") if label == "jax-bf16" else
+                       cfg.replace(stem_conv="patches") if label == "jax-stem-patches" else cfg)
         seeds = GROUP if label in GROUPED else None
         t0 = time.perf_counter()
         try:

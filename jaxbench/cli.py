@@ -79,7 +79,9 @@ def add_perf_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--steps-per-call", type=positive_int,
                    help="train steps fused into one jitted call (default auto: 1 on CPU, 50 else)")
     g.add_argument("--stem-conv", choices=perf.STEM_CONVS,
-                   help="BaselineCNN's first convolution: XLA's, or a tap sum (auto: taps on CPU)")
+                   help="the first convolution (BaselineCNN, TargetCNN): XLA's, a tap sum, or "
+                   "one matrix product over image patches (auto: taps for BaselineCNN on CPU, "
+                   "else XLA's)")
     g.add_argument("--xla-cpu", choices=perf.XLA_CPU,
                    help="XLA:CPU compile options (auto: ynn-reduce where it agrees with XLA's "
                    "default compile in a float32 self-check)")

@@ -52,6 +52,26 @@ def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 
+def _conv_and_pads(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding: Any,
+                   lhs_dilation: Any, rhs_dilation: Any, dimension_numbers: Any,
+                   feature_group_count: int, precision: Any) -> tuple[Callable, Any]:
+    """lax's convolution with these arguments, and its explicit ((top, bottom), (left, right))
+    padding when it is a stride-1, undilated, ungrouped NHWC/HWIO convolution (else None)."""
+    conv = functools.partial(lax.conv_general_dilated, window_strides=window_strides,
+                             padding=padding, lhs_dilation=lhs_dilation,
+                             rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                             feature_group_count=feature_group_count, precision=precision)
+    plain = (lhs.ndim == 4 and tuple(window_strides) == (1, 1) and feature_group_count == 1
+             and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+             # lax reads None as NCHW/OIHW: only an explicit NHWC/HWIO takes the other path.
+             and dimension_numbers == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC))
+    if not plain:
+        return conv, None
+    if isinstance(padding, str):  # flax passes "SAME" through as a string
+        padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (1, 1), padding)
+    return conv, tuple(tuple(p) for p in padding)
+
+
 def tap_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding: Any,
              lhs_dilation: Any = None, rhs_dilation: Any = None, dimension_numbers: Any = None,
              feature_group_count: int = 1, precision: Any = None) -> jax.Array:
@@ -71,19 +91,11 @@ def tap_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padd
     convolution goes to `lax.conv_general_dilated` unchanged. A drop-in for flax's
     `nn.Conv(..., conv_general_dilated=...)`.
     """
-    conv = functools.partial(lax.conv_general_dilated, window_strides=window_strides,
-                             padding=padding, lhs_dilation=lhs_dilation,
-                             rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-                             feature_group_count=feature_group_count, precision=precision)
-    plain = (lhs.ndim == 4 and tuple(window_strides) == (1, 1) and feature_group_count == 1
-             and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-             # lax reads None as NCHW/OIHW: only an explicit NHWC/HWIO takes the tap path.
-             and dimension_numbers == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC))
-    if not plain:
+    conv, pads = _conv_and_pads(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                dimension_numbers, feature_group_count, precision)
+    if pads is None:
         return conv(lhs, rhs)
-    if isinstance(padding, str):  # flax passes "SAME" through as a string
-        padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (1, 1), padding)
-    (top, bottom), (left, right) = padding
+    (top, bottom), (left, right) = pads
 
     def products(x, w):
         kh, kw, c, _ = w.shape
@@ -103,7 +115,37 @@ def tap_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padd
     return taps(lhs, rhs)
 
 
-STEM_CONVS = {"xla": None, "taps": tap_conv}  # perf.stem_conv -> flax's conv_general_dilated
+def patch_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding: Any,
+               lhs_dilation: Any = None, rhs_dilation: Any = None, dimension_numbers: Any = None,
+               feature_group_count: int = 1, precision: Any = None) -> jax.Array:
+    """`lax.conv_general_dilated` as one matrix product over image patches (im2col).
+
+    For the layer that reads the image, whose 3 channels make a 27-deep product: in an H200
+    trace of TargetCNN (results/speed/2026-11-28-197b41e-nvidia-h200/trace/) cuDNN ran that
+    layer's weight gradient in a legacy kernel (`wgrad_alg0_engine`, 53 us for 0.45 GFLOP) and its
+    forward pass, with two layout conversions, in 28 us: ~6% of the 1.23 ms step. Here the 9
+    shifted copies of the padded input are concatenated along channels (kh*kw*C = 27 per pixel)
+    and multiplied by the (27, out) weight matrix; autodiff's weight gradient is the transposed
+    product. Values differ from lax's convolution by float summation order, and both run at
+    JAX's default matmul precision. Anything but a stride-1, undilated, ungrouped NHWC/HWIO
+    convolution goes to `lax.conv_general_dilated` unchanged. A drop-in for flax's
+    `nn.Conv(..., conv_general_dilated=...)`, chosen by the run's `perf.stem_conv`.
+    """
+    conv, pads = _conv_and_pads(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                dimension_numbers, feature_group_count, precision)
+    if pads is None:
+        return conv(lhs, rhs)
+    kh, kw, c, out = rhs.shape
+    x = jnp.pad(lhs, ((0, 0), *pads, (0, 0)))
+    h, w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+    patches = jnp.concatenate([x[:, i:i + h, j:j + w] for i in range(kh) for j in range(kw)],
+                              axis=-1)  # (n, h, w, kh*kw*c), taps in rhs's (i, j, c) order
+    return lax.dot_general(patches, rhs.reshape(kh * kw * c, out), (((3,), (0,)), ((), ())),
+                           precision=precision)
+
+
+# perf.stem_conv -> the first layer's `conv_general_dilated` for flax (None: lax's)
+STEM_CONVS = {"xla": None, "taps": tap_conv, "patches": patch_conv}
 
 
 class BaselineCNN(nn.Module):
@@ -135,14 +177,16 @@ class TargetCNN(nn.Module):
     blocks: Sequence[Sequence[int]] = TARGET_BLOCKS
     hidden: int = 256
     dtype: Any = jnp.float32
+    stem_conv: Callable | None = None  # the first layer's convolution; None: lax's (flax default)
     pool: Callable = max_pool_2x2
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = True) -> jnp.ndarray:
         for i, block in enumerate(self.blocks):
-            for width in block:
+            for j, width in enumerate(block):
                 # No conv bias: the BatchNorm that follows has its own shift.
-                x = nn.Conv(width, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype)(x)
+                x = nn.Conv(width, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype,
+                            conv_general_dilated=None if i or j else self.stem_conv)(x)
                 x = nn.relu(bn(train, self.dtype)(x))
             if i < len(self.blocks) - 1:
                 x = self.pool(x)
@@ -219,14 +263,14 @@ class DenseNetBC(nn.Module):
 def build(name: str, num_classes: int, dtype: str = "float32", stem_conv: str = "xla") -> nn.Module:
     """Model by the experiment's `model` key, computing in `dtype`.
 
-    `stem_conv` (a key of STEM_CONVS, the run's resolved `perf.stem_conv`) is BaselineCNN's first
-    convolution; the other models use XLA's convolutions throughout.
+    `stem_conv` (a key of STEM_CONVS, the run's resolved `perf.stem_conv`) is the first
+    convolution of BaselineCNN and TargetCNN; DenseNet-BC uses XLA's convolutions throughout.
     """
     dtype = jnp.dtype(dtype)
     if name == "baseline":
         return BaselineCNN(num_classes, dtype=dtype, stem_conv=STEM_CONVS[stem_conv])
     if name == "target":
-        return TargetCNN(num_classes, dtype=dtype)
+        return TargetCNN(num_classes, dtype=dtype, stem_conv=STEM_CONVS[stem_conv])
     if name == "densenet":
         return DenseNetBC(num_classes, dtype=dtype)
     raise ValueError(f"unknown model {name!r}")

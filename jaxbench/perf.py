@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 
 DTYPES = ("float32", "bfloat16")  # compute dtype; parameters and optimizer state stay float32
-STEM_CONVS = ("auto", "xla", "taps")
+STEM_CONVS = ("auto", "xla", "taps", "patches")  # models.STEM_CONVS
 # How a seed group (`--seeds`) runs its seeds: `vmap` batches them in one jitted call (every
 # kernel does all seeds' work), `unroll` traces the single-seed step once per seed, one after
 # another in the same program; `loop` calls the single-seed compiled step once per seed, each
@@ -52,7 +52,8 @@ class Perf:
 
     dtype: str = "float32"
     steps_per_call: int = 0  # train steps fused into one jitted call; 0: auto (1 on CPU, 50 else)
-    stem_conv: str = "auto"  # BaselineCNN's first convolution: XLA's, or `models.tap_conv`
+    # The first convolution (BaselineCNN, TargetCNN): XLA's, `models.tap_conv` or `patch_conv`
+    stem_conv: str = "auto"
     xla_cpu: str = "auto"  # XLA:CPU compile options (a name in XLA_CPU_OPTIONS); ignored off CPU
     seed_group: str = "auto"  # a seed group's program: a name in SEED_GROUPS
 
