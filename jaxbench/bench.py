@@ -217,6 +217,8 @@ def bench_experiment(cfg, train, test, repeats: int, epochs_per_repeat: int, cud
         warm[label] = {"compile_s": compile_s, "warmup_s": time.perf_counter() - t0}
         if framework == "torch":  # how it ran: compile mode, and for torch-best its CUDA graph
             warm[label]["settings"] = trainer.record()
+        else:  # the resolved speed settings (dtype, stem conv, compile, steps per call)
+            warm[label]["perf"] = getattr(trainer, "trainer", trainer).perf.to_dict()
         trainers[label], states[label] = trainer, state
         log(f"  {label}: warm-up {warm[label]['warmup_s']:.1f}s (compile {compile_s:.1f}s)")
     times = {label: [] for label in trainers}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -70,6 +71,11 @@ def run_name(exp: str, framework: str, torch_compile: str = "none") -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.framework == "torch":
+        # JAX still starts here (the twin's schedule table, the run's record); on a GPU it would
+        # take 75% of the card's memory before PyTorch asks for any. The variable is read when
+        # JAX's GPU backend starts, which no code has asked for yet in a fresh process.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if args.list:
         print(list_experiments())
         return 0

@@ -1,6 +1,7 @@
 """The PyTorch twin: layer parity with the Flax models, its step, its preprocessing, the benchmark."""
 
 import json
+import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +10,7 @@ import tensorflow_datasets as tfds
 
 torch = pytest.importorskip("torch")
 
-from jaxbench import bench, cli, config, data, loop, models, report, torch_twin  # noqa: E402
+from jaxbench import bench, cli, config, data, loop, models, report, run, torch_twin  # noqa: E402
 from conftest import synthetic_split  # noqa: E402
 
 
@@ -151,6 +152,21 @@ def test_benchmark_on_a_small_limit_writes_json(tmp_path, mock_manual_dir, monke
     assert -0.5 < share < 1 and "input side" in md
 
 
+def test_the_patches_stem_variant_runs_the_same_experiment_with_that_stem(monkeypatch):
+    """`jax-stem-patches` exists off CPU only (slower than both other stems on XLA:CPU); forced
+    here, it times the run's experiment with `perf.stem_conv = "patches"` and records that."""
+    assert "jax-stem-patches" not in [v[0] for v in bench.variants(False)]
+    monkeypatch.setattr(bench, "variants", lambda cuda, only: [
+        (k, *bench.VARIANTS[k]) for k in ("jax", "jax-stem-patches")])
+    cfg = config.load("fmnist_baseline").replace(batch_size=16, train_limit=32, eval_limit=16)
+    res = bench.bench_experiment(cfg, synthetic_split(32), synthetic_split(16, seed=1), 1, 1,
+                                 False, None, log=lambda *_: None)
+    rows = res["variants"]
+    assert rows["jax"]["perf"]["stem_conv"] == "taps"  # BaselineCNN's CPU default
+    assert rows["jax-stem-patches"]["perf"]["stem_conv"] == "patches"
+    assert rows["jax-stem-patches"]["median_s"] > 0
+
+
 def test_a_variant_that_fails_is_recorded_and_the_others_still_timed(monkeypatch):
     """A variant that breaks in its warm-up (say torch.compile on a new card) is named with its
     error in the result; the run goes on with the rest instead of losing the experiment."""
@@ -255,3 +271,15 @@ def test_torch_best_sets_its_global_flags_only_while_it_runs():
     with best._backend_flags():
         assert flags() == (True, True, True)
     assert flags() == before
+
+
+@pytest.mark.parametrize("framework, expected", [("torch", "false"), ("jax", None)])
+def test_a_torch_run_leaves_the_gpu_memory_to_pytorch(monkeypatch, framework, expected):
+    """A PyTorch run still starts JAX (the schedule table, the run's record): on a GPU, JAX must
+    not preallocate 75% of the card's memory first. Set before anything asks for a backend
+    (this run stops at a flag error, after the setting and before any work)."""
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "")  # recorded: restored afterwards
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE")
+    argv = ["--exp", "fmnist_baseline", "--framework", framework, "--seed", "1", "--seeds", "0,1"]
+    assert run.main(argv) == 2
+    assert os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE") == expected
