@@ -21,9 +21,9 @@
 #             what time is left: XLA GPU flag variants of the tiny_target step.
 #   seeds     tiny_target seeds 1 and 2, as `tiny` ran seed 0 (Table II's spread).
 #   before    before vs after on one machine: the JAX variants $VARIANTS (default: jax) of the
-#             experiments $EXPS (default: tiny_target) with the source tree in $BEFORE (an earlier
-#             commit: git archive COMMIT jaxbench experiments | tar -x -C DIR) and with this tree,
-#             one process each, alternated $ROUNDS times (default 2). For the lagged NaN check
+#             Tiny ImageNet experiments $EXPS (default: tiny_target) with the source tree in
+#             $BEFORE (an earlier commit: git archive COMMIT jaxbench experiments | tar -x -C DIR)
+#             and with this tree, one process each, alternated $ROUNDS times (default 2). For the lagged NaN check
 #             (commit 0d6bc0b): BEFORE = the tree of dfee676, EXPS="tiny_target tiny_baseline",
 #             VARIANTS=jax,jax-step-only.
 # BUDGET_S caps the whole call (later stages get what is left, or are skipped).
@@ -59,11 +59,12 @@ stage() {  # stage NAME LIMIT_S COMMAND...; with BUDGET_S set, no stage runs pas
 
 steps=300; epochs=; calls=2; target=tiny_target; MODELS=${MODELS:-target baseline}
 variants=jax,jax-step-only,jax-bf16,jax-stem-patches,torch-reduce-overhead,torch-best
-EXPS=${EXPS:-tiny_target}; VARIANTS=${VARIANTS:-jax}
+VARIANTS=${VARIANTS:-jax}
 if [ -n "$SMALL" ]; then  # BaselineCNN only: TargetCNN in bfloat16 crawls on XLA:CPU
   steps=4; epochs="--epochs 1 --train-limit 256 --eval-limit 64"; calls=1; target=tiny_baseline
-  MODELS=baseline; variants=jax,jax-step-only,jax-bf16,torch-best; EXPS=tiny_baseline
+  MODELS=baseline; variants=jax,jax-step-only,jax-bf16,torch-best; EXPS=${EXPS:-tiny_baseline}
 fi
+EXPS=${EXPS:-tiny_target}
 tiny_run() {  # tiny_run SEED LIMIT_S: $target for its 25 epochs on the real Tiny ImageNet
   stage "$target seed $1" "$2" python3 -m jaxbench.run --exp $target --seed "$1" $epochs \
     --manual-dir "$DATA/tin" --run-dir "$RES/runs/${target}_seed$1" \
@@ -92,7 +93,7 @@ for part in "$@"; do
     synth
     for ds in tiny fmnist; do
       exps=; for m in $MODELS; do exps="$exps --exp ${ds}_$m"; done
-      stage "bench-$ds ($MODELS)" 200 python3 -m jaxbench.bench $exps --steps $steps --repeats 3 \
+      stage "bench-$ds ($MODELS)" 240 python3 -m jaxbench.bench $exps --steps $steps --repeats 3 \
         --variants $variants --arrays "$W/${ds}_synth.npz" --out "$RES/speed-$ds-${MODELS// /-}"
     done
     ;;

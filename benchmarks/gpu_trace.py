@@ -15,7 +15,7 @@ trace (plain JSON, no TensorBoard needed) and sums up the device's side of it:
   matmul, fusion, copy, other).
 
 Writes DIR/trace-<exp>-<dtype>.json (the summary) and DIR/trace-<exp>-<dtype>.json.gz (the
-trace); with `--stem-conv S`, trace-<exp>-<dtype>-stem-S.*. Prints the summary's headline numbers.
+trace); with `--stem-conv`, trace-<exp>-<dtype>-stem-<the stem it resolved to>.*. Prints the summary's headline numbers.
 """
 
 from __future__ import annotations
@@ -159,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        stem = f"trace-{args.exp}-{args.dtype}" + (f"-stem-{args.stem_conv}" if args.stem_conv
-                                                     else "")
+        stem = f"trace-{args.exp}-{args.dtype}" + (
+            f"-stem-{trainer.perf.stem_conv}" if args.stem_conv else "")
         shutil.copy(found[0], out / f"{stem}.json.gz")
     with gzip.open(out / f"{stem}.json.gz", "rt") as f:
         trace = json.load(f)

@@ -52,10 +52,11 @@ def variants(cuda: bool, only: Sequence[str] | None = None) -> list[tuple[str, s
     (`StepOnly`) measures the input side. jax-bf16 is the same experiment with `--dtype
     bfloat16` (skipped when the run is bfloat16 already). jax-stem-patches runs the first
     convolution as one matrix product over image patches (`--stem-conv patches`,
-    `models.patch_conv`); it exists off CPU only (on XLA:CPU it was the slowest stem:
-    benchmarks/stem_ab.py). JAX always runs: ratios are against it. jax-seeds3 trains seeds 0, 1, 2 as one seed group (`--seeds`, the run's
-    `perf.seed_group`), jax-seeds3-vmap the same group vmapped; their times are per seed (the
-    group's time / 3), and `group_over_one` is the group's epoch over one seed's.
+    `models.patch_conv`; not for DenseNet-BC, which has no such setting); it exists off CPU
+    only (on XLA:CPU it made TargetCNN's step 9% slower: benchmarks/stem_ab.py). JAX always
+    runs: ratios are against it. jax-seeds3 trains seeds 0, 1, 2 as one seed group (`--seeds`,
+    the run's `perf.seed_group`), jax-seeds3-vmap the same group vmapped; their times are per
+    seed (the group's time / 3), and `group_over_one` is the group's epoch over one seed's.
     """
     import jax
 
@@ -192,8 +193,9 @@ def bench_experiment(cfg, train, test, repeats: int, epochs_per_repeat: int, cud
     trainers, states, warm, failed = {}, {}, {}, {}
     for label, framework, mode in variants(cuda, only):
         if ((label == "jax-bf16" and cfg.perf.dtype == "bfloat16")
-                or (label == "jax-stem-patches" and cfg.perf.stem_conv == "patches")):
-            continue  # the run is that already: `jax` is this variant
+                or (label == "jax-stem-patches"
+                    and (cfg.perf.stem_conv == "patches" or cfg.model == "densenet"))):
+            continue  # the run is that already (or has no stem setting): `jax` is this variant
         variant_cfg = (cfg.replace(xla_cpu="default") if label == "jax-xla-default" else
                        cfg.replace(seed_group="vmap") if label == "jax-seeds3-vmap" else
                        cfg.replace(dtype="bfloat16") if label == "jax-bf16" else
@@ -361,6 +363,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if jax.default_backend() != "cpu":  # the matrix units' bfloat16 rate, for `jax-bf16`
         result["matmul_peak_bf16_gflops"] = matmul_peak_gflops(dtype="bfloat16")
     tag = machine_tag(info)
+    if args.variants:
+        here = {label for label, _, _ in variants(cuda)}
+        for label in [k for k in args.variants.split(",") if k not in here]:
+            print(f"[bench] {label}: not run on this machine (see `bench.variants`)", flush=True)
     try:
         for name, cfg in cfgs.items():
             cfg = cfg.replace(

@@ -117,6 +117,20 @@ def enable_compile_cache() -> str | None:
     return path
 
 
+def keep_jax_off_the_gpu() -> None:
+    """For a PyTorch run, before anything asks JAX for a backend.
+
+    JAX still starts in one (the twin's schedule table, the run's record), for CPU work only;
+    left alone it would open the GPU as well and take 75% of its memory before PyTorch asks for
+    any. JAX_PLATFORMS set by the user is kept; then at least no preallocation.
+    """
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    if not os.environ.get("JAX_PLATFORMS"):
+        import jax
+
+        jax.config.update("jax_platforms", "cpu")
+
+
 TORCH_COMPILE = ("none", "default", "reduce-overhead", "best")
 
 

@@ -69,7 +69,9 @@ def _conv_and_pads(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int]
         return conv, None
     if isinstance(padding, str):  # flax passes "SAME" through as a string
         padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (1, 1), padding)
-    return conv, tuple(tuple(p) for p in padding)
+    pads = tuple(tuple(int(p) for p in pair) for pair in padding)
+    # Negative padding (cropping) is lax's to do: jnp.pad refuses it.
+    return conv, pads if min(p for pair in pads for p in pair) >= 0 else None
 
 
 def tap_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding: Any,
@@ -122,8 +124,8 @@ def patch_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], pa
 
     For the layer that reads the image, whose 3 channels make a 27-deep product: in an H200
     trace of TargetCNN (results/speed/2026-11-28-197b41e-nvidia-h200/trace/) cuDNN ran that
-    layer's weight gradient in a legacy kernel (`wgrad_alg0_engine`, 53 us for 0.45 GFLOP) and its
-    forward pass, with two layout conversions, in 28 us: ~6% of the 1.23 ms step. Here the 9
+    layer's weight gradient in a legacy kernel (`wgrad_alg0_engine`, 52 us for 0.45 GFLOP) and its
+    forward pass, with two layout conversions, in 27 us: ~6% of the 1.23 ms step. Here the 9
     shifted copies of the padded input are concatenated along channels (kh*kw*C = 27 per pixel)
     and multiplied by the (27, out) weight matrix; autodiff's weight gradient is the transposed
     product. Values differ from lax's convolution by float summation order, and both run at
@@ -264,7 +266,7 @@ def build(name: str, num_classes: int, dtype: str = "float32", stem_conv: str = 
     """Model by the experiment's `model` key, computing in `dtype`.
 
     `stem_conv` (a key of STEM_CONVS, the run's resolved `perf.stem_conv`) is the first
-    convolution of BaselineCNN and TargetCNN; DenseNet-BC uses XLA's convolutions throughout.
+    convolution of BaselineCNN and TargetCNN; DenseNet-BC uses XLA's convolutions throughout (`perf.resolve` records `xla` for it).
     """
     dtype = jnp.dtype(dtype)
     if name == "baseline":

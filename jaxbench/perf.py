@@ -108,7 +108,9 @@ def resolve(perf: Perf, backend: str, model: str, num_classes: int, batch_size: 
                                  "auto: XLA:CPU runs a step slower inside a loop body" if cpu else
                                  "auto: amortizes per-call dispatch on accelerators")
     stem = perf.stem_conv
-    if stem == "auto":
+    if model == "densenet":  # models.build hands DenseNet-BC no stem
+        stem, reasons["stem_conv"] = "xla", "DenseNet-BC: XLA's convolutions throughout"
+    elif stem == "auto":
         stem = "taps" if cpu and model == "baseline" else "xla"
         reasons["stem_conv"] = ("auto: XLA:CPU's convolution packs a 27-deep GEMM for 3 channels"
                                 if stem == "taps" else "auto: XLA's convolution")

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from jaxbench import config as config_lib
-from jaxbench.cli import (TORCH_COMPILE, add_data_args, enable_compile_cache, fail, make_trainer,
-                          non_negative_int, positive_int, resolve, seed_list)
+from jaxbench.cli import (TORCH_COMPILE, add_data_args, enable_compile_cache, fail,
+                          keep_jax_off_the_gpu, make_trainer, non_negative_int, positive_int,
+                          resolve, seed_list)
 from jaxbench.config import ConfigError
 
 
@@ -72,10 +72,7 @@ def run_name(exp: str, framework: str, torch_compile: str = "none") -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.framework == "torch":
-        # JAX still starts here (the twin's schedule table, the run's record); on a GPU it would
-        # take 75% of the card's memory before PyTorch asks for any. The variable is read when
-        # JAX's GPU backend starts, which no code has asked for yet in a fresh process.
-        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+        keep_jax_off_the_gpu()
     if args.list:
         print(list_experiments())
         return 0
