@@ -23,9 +23,9 @@
 #   before    before vs after on one machine: the JAX variants $VARIANTS (default: jax) of the
 #             Tiny ImageNet experiments $EXPS (default: tiny_target) with the source tree in
 #             $BEFORE (an earlier commit: git archive COMMIT jaxbench experiments | tar -x -C DIR)
-#             and with this tree, one process each, alternated $ROUNDS times (default 2). For the lagged NaN check
-#             (commit 0d6bc0b): BEFORE = the tree of dfee676, EXPS="tiny_target tiny_baseline",
-#             VARIANTS=jax,jax-step-only.
+#             and with this tree, one process each, alternated $ROUNDS times (default 2). For
+#             the lagged NaN check (commit 0d6bc0b): BEFORE = the tree of dfee676,
+#             EXPS="tiny_target tiny_baseline", VARIANTS=jax,jax-step-only.
 # BUDGET_S caps the whole call (later stages get what is left, or are skipped).
 # DATA holds fashion-mnist/ (the four official files) and, for `tiny`, tin/ (the two archives).
 # Runs from a source checkout with no TensorFlow (the readers in jaxbench/datasets/files.py).

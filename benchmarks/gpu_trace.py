@@ -15,7 +15,8 @@ trace (plain JSON, no TensorBoard needed) and sums up the device's side of it:
   matmul, fusion, copy, other).
 
 Writes DIR/trace-<exp>-<dtype>.json (the summary) and DIR/trace-<exp>-<dtype>.json.gz (the
-trace); with `--stem-conv`, trace-<exp>-<dtype>-stem-<the stem it resolved to>.*. Prints the summary's headline numbers.
+trace); with `--stem-conv`, trace-<exp>-<dtype>-stem-<the stem it resolved to>.*. Prints the
+summary's headline numbers.
 """
 
 from __future__ import annotations

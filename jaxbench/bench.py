@@ -152,6 +152,10 @@ class StepOnly:
     def __init__(self, trainer):
         self.trainer, self.steps_per_epoch = trainer, trainer.steps_per_epoch
 
+    @property
+    def perf(self):
+        return self.trainer.perf  # the wrapped run's resolved settings, as compiled
+
     def init_state(self):
         return self.trainer.init_state()
 
@@ -220,7 +224,7 @@ def bench_experiment(cfg, train, test, repeats: int, epochs_per_repeat: int, cud
         if framework == "torch":  # how it ran: compile mode, and for torch-best its CUDA graph
             warm[label]["settings"] = trainer.record()
         else:  # the resolved speed settings (dtype, stem conv, compile, steps per call)
-            warm[label]["perf"] = getattr(trainer, "trainer", trainer).perf.to_dict()
+            warm[label]["perf"] = trainer.perf.to_dict()
         trainers[label], states[label] = trainer, state
         log(f"  {label}: warm-up {warm[label]['warmup_s']:.1f}s (compile {compile_s:.1f}s)")
     times = {label: [] for label in trainers}
