@@ -13,8 +13,9 @@
 #             product over image patches), torch-reduce-overhead and torch-best, one benchmark
 #             process per dataset. PyTorch eager (4-8x slower than JAX on Tiny ImageNet, H200,
 #             2026-11-28) is left out to keep the GPU run within 15 minutes.
-#   trace     profiler traces of a tiny_target train call in float32 and bfloat16, and in
-#             float32 with the patches stem (`--stem-conv patches`).
+#   trace     profiler traces of three tiny_target train calls in float32 and bfloat16, and in
+#             float32 with the patches stem (`--stem-conv patches`); the summaries' largest
+#             gaps show what idles the GPU between calls (two call boundaries).
 #   torchbest JAX vs torch-best alone, one benchmark process per experiment.
 #   fmnist16  Fashion-MNIST 25 epochs in bfloat16, seed 0 of both models (accuracy cost of bf16).
 #   tiny      Tiny ImageNet 25 epochs, tiny_target seed 0, float32 (the paper's Table II), then
@@ -57,7 +58,7 @@ stage() {  # stage NAME LIMIT_S COMMAND...; with BUDGET_S set, no stage runs pas
   pack
 }
 
-steps=300; epochs=; calls=2; target=tiny_target; MODELS=${MODELS:-target baseline}
+steps=300; epochs=; calls=3; target=tiny_target; MODELS=${MODELS:-target baseline}
 variants=jax,jax-step-only,jax-bf16,jax-stem-patches,torch-reduce-overhead,torch-best
 VARIANTS=${VARIANTS:-jax}
 if [ -n "$SMALL" ]; then  # BaselineCNN only: TargetCNN in bfloat16 crawls on XLA:CPU

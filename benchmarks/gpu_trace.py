@@ -11,6 +11,7 @@ trace (plain JSON, no TensorBoard needed) and sums up the device's side of it:
   (the rest is the GPU idle: launch gaps, host round trips);
 - the gaps between one kernel's end and the next one's start (median, total), which give the
   launch-latency floor: kernels per step x the median gap is what a step costs on launches alone;
+  and the largest gaps, where and between which kernels (a host round trip between two calls);
 - the kernels by total time, with counts, and the same grouped by kind (convolution,
   matmul, fusion, copy, other).
 
@@ -37,6 +38,9 @@ KINDS = (("convolution", re.compile(r"conv|cudnn|xmma_fprop|xmma_dgrad|xmma_wgra
          ("matmul", re.compile(r"gemm|cublas|cutlass|sm90_xmma|ampere_|hopper_|wgmma", re.I)),
          ("copy", re.compile(r"memcpy|memset|copy", re.I)),
          ("fusion", re.compile(r"fusion|reduce|loop_|input_|transpose|select|scatter", re.I)))
+
+
+GAPS = 5  # the largest idle gaps listed in a summary
 
 
 def kind(name: str) -> str:
@@ -73,17 +77,20 @@ def summarize(events: list[dict], steps: int) -> dict:
     """Kernel count, busy time, gaps and the top kernels of `events` (trace 'X' events, in us)."""
     if not events:
         return {"kernels": 0}
-    spans = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))) for e in events)
-    busy, gaps, (start, end) = 0.0, [], spans[0]
-    for s, e in spans[1:]:  # merge overlapping spans (several streams)
+    spans = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), e["name"])
+                   for e in events)
+    # Merge overlapping spans (several streams); a gap is where no kernel runs, named by the
+    # kernel that ended last before it and the one that starts it.
+    busy, gaps, (start, end, last) = 0.0, [], spans[0]
+    for s, e, name in spans[1:]:
         if s > end:
             busy += end - start
-            gaps.append(s - end)
-            start, end = s, e
-        else:
-            end = max(end, e)
+            gaps.append((s - end, end, last, name))
+            start, end, last = s, e, name
+        elif e > end:
+            end, last = e, name
     busy += end - start
-    wall = max(e for _, e in spans) - spans[0][0]
+    wall = max(e for _, e, _ in spans) - spans[0][0]
     by_name: dict[str, list[float]] = {}
     for e in events:
         by_name.setdefault(e["name"], []).append(float(e.get("dur", 0)))
@@ -91,7 +98,7 @@ def summarize(events: list[dict], steps: int) -> dict:
     for name, durs in by_name.items():
         by_kind.setdefault(kind(name), []).extend(durs)
     top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:30]
-    median_gap = statistics.median(gaps) if gaps else 0.0
+    median_gap = statistics.median(g for g, *_ in gaps) if gaps else 0.0
     per_step = len(events) / steps
     return {
         "steps": steps, "kernels": len(events), "kernels_per_step": per_step,
@@ -100,6 +107,10 @@ def summarize(events: list[dict], steps: int) -> dict:
         "busy_share": busy / wall if wall else None,
         "median_gap_us": median_gap, "idle_ms_per_step": (wall - busy) / steps / 1e3,
         "launch_floor_ms_per_step": per_step * median_gap / 1e3,
+        # The idle spans a launch does not explain (a host round trip between two calls shows
+        # here as one gap per call boundary, milliseconds long), largest first.
+        "largest_gaps": [{"us": g, "at_ms": (t - spans[0][0]) / 1e3, "after": a[:100],
+                          "before": b[:100]} for g, t, a, b in sorted(gaps, reverse=True)[:GAPS]],
         "by_kind": {k: {"count_per_step": len(d) / steps, "ms_per_step": sum(d) / steps / 1e3}
                     for k, d in sorted(by_kind.items(), key=lambda kv: -sum(kv[1]))},
         "top_kernels": [{"name": n[:160], "kind": kind(n), "count_per_step": len(d) / steps,
@@ -180,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {k_}: {v['count_per_step']:.1f} per step, {v['ms_per_step']:.3f} ms per step")
     for row in summary.get("top_kernels", [])[:12]:
         print(f"  {row['ms_per_step']:.3f} ms/step  x{row['count_per_step']:.0f}  {row['name'][:90]}")
+    for gap in summary.get("largest_gaps", []):
+        print(f"  idle {gap['us']:.0f} us at {gap['at_ms']:.2f} ms, after {gap['after'][:40]}, "
+              f"before {gap['before'][:40]}")
     return 0
 
 

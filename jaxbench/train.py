@@ -119,12 +119,18 @@ def param_count(params: Any) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
-def zero_metrics(training: bool = False) -> Metrics:
-    """Metric sums; in training also the step count and the first step whose loss was not finite."""
-    m = {"loss": jnp.zeros((), jnp.float32), "correct": jnp.zeros((), jnp.int32),
-         "count": jnp.zeros((), jnp.int32)}
+def zero_metrics(training: bool = False) -> dict[str, np.ndarray]:
+    """Metric sums; in training also the step count and the first step whose loss was not finite.
+
+    Host arrays, put on the devices by the caller in one transfer. Built as device arrays they
+    cost a device-to-host copy each on the way to their sharding: in an H200 trace (2026-11-28,
+    197b41e) ~11 ms of idle GPU before every epoch's first kernel, 3% of a 300-step benchmark
+    epoch of TargetCNN.
+    """
+    m = {"loss": np.zeros((), np.float32), "correct": np.zeros((), np.int32),
+         "count": np.zeros((), np.int32)}
     if training:
-        m |= {"steps": jnp.zeros((), jnp.int32), "first_bad_step": jnp.full((), -1, jnp.int32)}
+        m |= {"steps": np.zeros((), np.int32), "first_bad_step": np.full((), -1, np.int32)}
     return m
 
 
