@@ -17,6 +17,9 @@
 #             float32 with the patches stem (`--stem-conv patches`); the summaries' largest
 #             gaps show what idles the GPU between calls (two call boundaries).
 #   torchbest JAX vs torch-best alone, one benchmark process per experiment.
+#   groups    seeds 0, 1, 2 of $EXPS as one seed group (`--seeds`, what `jaxbench.reproduce` runs)
+#             against one seed, one benchmark process per `--seed-group` (vmap, the accelerator
+#             default; unroll; loop): whether a group beats three runs on a GPU, and which form.
 #   fmnist16  Fashion-MNIST 25 epochs in bfloat16, seed 0 of both models (accuracy cost of bf16).
 #   tiny      Tiny ImageNet 25 epochs, tiny_target seed 0, float32 (the paper's Table II), then
 #             what time is left: XLA GPU flag variants of the tiny_target step.
@@ -31,7 +34,7 @@
 # DATA holds fashion-mnist/ (the four official files) and, for `tiny`, tin/ (the two archives).
 # Runs from a source checkout with no TensorFlow (the readers in jaxbench/datasets/files.py).
 set -u
-PARTS="speed trace torchbest fmnist16 tiny seeds before"
+PARTS="speed trace torchbest groups fmnist16 tiny seeds before"
 for part in "$@"; do  # every part known before any of them runs
   case " $PARTS " in *" $part "*) ;; *) echo "error: unknown part '$part'; parts: $PARTS" >&2; exit 2 ;; esac
 done
@@ -66,6 +69,7 @@ if [ -n "$SMALL" ]; then  # BaselineCNN only: TargetCNN in bfloat16 crawls on XL
   MODELS=baseline; variants=jax,jax-step-only,jax-bf16,torch-best; EXPS=${EXPS:-tiny_baseline}
 fi
 EXPS=${EXPS:-tiny_target}
+exp_args=; for exp in $EXPS; do exp_args="$exp_args --exp $exp"; done  # groups, before
 tiny_run() {  # tiny_run SEED LIMIT_S: $target for its 25 epochs on the real Tiny ImageNet
   stage "$target seed $1" "$2" python3 -m jaxbench.run --exp $target --seed "$1" $epochs \
     --manual-dir "$DATA/tin" --run-dir "$RES/runs/${target}_seed$1" \
@@ -113,6 +117,14 @@ for part in "$@"; do
         --variants jax,torch-best --arrays "$W/${exp%%_*}_synth.npz" --out "$RES/torch-best-$exp"
     done
     ;;
+  groups)
+    synth
+    for mode in vmap unroll loop; do
+      stage "seed group $mode" 100 python3 -m jaxbench.bench $exp_args --steps $steps \
+        --repeats 3 --variants jax,jax-seeds3 --seed-group $mode --arrays "$W/tiny_synth.npz" \
+        --out "$RES/groups-$mode"
+    done
+    ;;
   fmnist16)
     for exp in fmnist_target fmnist_baseline; do
       stage "$exp-bf16" 110 python3 -m jaxbench.run --exp $exp --dtype bfloat16 $epochs \
@@ -140,7 +152,6 @@ for part in "$@"; do
       log "before: skipped (BEFORE holds no jaxbench/ and experiments/)"; continue
     fi
     synth
-    exp_args=; for exp in $EXPS; do exp_args="$exp_args --exp $exp"; done
     for round in $(seq "${ROUNDS:-2}"); do
       for tree in before after; do
         src=$PWD; [ $tree = before ] && src=$(realpath "$BEFORE")
