@@ -122,7 +122,7 @@ def param_count(params: Any) -> int:
 def zero_metrics(training: bool = False) -> dict[str, np.ndarray]:
     """Metric sums; in training also the step count and the first step whose loss was not finite.
 
-    Host arrays, put on the devices by the caller in one transfer. Built as device arrays they
+    Host arrays, put on the devices by the caller in one `device_put`. Built as device arrays they
     cost a device-to-host copy each on the way to their sharding: in an H200 trace (2026-11-28,
     197b41e) ~11 ms of idle GPU before every epoch's first kernel, 3% of a 300-step benchmark
     epoch of TargetCNN.
