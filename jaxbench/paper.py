@@ -84,8 +84,9 @@ class Run:
     def framework(self) -> str:
         fw = self.summary.get("framework", "jax")
         if fw == "torch":
-            mode = self.summary.get("torch_compile")
-            return f"PyTorch compile ({mode})" if mode else "PyTorch eager"
+            mode = self.summary.get("torch_compile")  # absent in runs before it was recorded
+            return ("PyTorch eager" if mode in (None, "none") else "PyTorch torch-best"
+                    if mode == "best" else f"PyTorch compile ({mode})")
         return "JAX" if fw == "jax" else fw
 
 
@@ -181,7 +182,10 @@ def load_run(run_dir: Path) -> Run | None:
     # A folder of runs made at several commits names each run's own in `commits` (folder -> commit).
     own = prov.get("commits", {}).get(run_dir.name) if isinstance(prov.get("commits"), dict) else None
     prov["commit"] = own or prov.get("commit") or summary.get("commit") or summary.get("git_commit")
-    return Run(run_dir, summary, curves, hardware_of(summary["device"]), protocol_of(summary), prov)
+    # A folder whose CPU differs from others of the same name says so (`hardware`): seconds per
+    # epoch of two machines must not share one row.
+    hardware = prov.get("hardware") or hardware_of(summary["device"])
+    return Run(run_dir, summary, curves, hardware, protocol_of(summary), prov)
 
 
 def is_bench(data) -> bool:
@@ -284,7 +288,8 @@ def command_for(exp: str, dataset: str) -> str:
 
 def findings(groups: list[Group]) -> list[str]:
     """Plain statements the tables support: model order vs the paper's, ours vs the paper's,
-    and whether the same experiment agrees across hardware within the seed spread."""
+    and whether the same experiment agrees across hardware, and JAX with the PyTorch twin,
+    within the seed spread."""
     full = [g for g in groups if not g.protocol]
     out = []
     for title, dataset, (base, target) in TABLES:
@@ -307,21 +312,31 @@ def findings(groups: list[Group]) -> list[str]:
                        f"({mean - PAPER[g.exp][0]:+.1f} pp).")
     for i, a in enumerate(full):
         for b in full[i + 1:]:
-            if (a.exp, a.framework) != (b.exp, b.framework) or a.hardware == b.hardware:
-                continue
-            fa, fb = [r.final for r in a.runs], [r.final for r in b.runs]
-            (ma, sa), (mb, sb) = a.stat(fa), b.stat(fb)
-            overlap = max(min(fa), min(fb)) <= min(max(fa), max(fb))
-            std = lambda s: "n/a" if s is None else f"{s:.2f}"
-            verdict = ("with one seed on a side there is no seed spread to compare against."
-                       if min(len(fa), len(fb)) < 2 else
-                       "the seeds' min–max ranges overlap: they agree within the seed spread."
-                       if overlap else "the seeds' min–max ranges do not overlap: they do not "
-                       "agree within the seed spread.")
-            out.append(f"{a.exp} on {a.hardware} vs {b.hardware} (same code path, other hardware): "
-                       f"{ma:.2f}% vs {mb:.2f}% final, difference {ma - mb:+.2f} pp, seed std {std(sa)} / "
-                       f"{std(sb)} pp (n={len(fa)} / {len(fb)}); " + verdict)
+            if (a.exp, a.framework) == (b.exp, b.framework) and a.hardware != b.hardware:
+                out.append(f"{a.exp} on {a.hardware} vs {b.hardware} (same code path, other "
+                           f"hardware): " + _agreement(a, b))
+    for a in full:  # JAX against each PyTorch variant of the same experiment
+        for b in full:
+            if a.exp == b.exp and a.framework == "JAX" and b.framework.startswith("PyTorch"):
+                where = a.hardware if a.hardware == b.hardware else f"{a.hardware} vs {b.hardware}"
+                out.append(f"{a.exp}, JAX vs {b.framework} (the twin: same model, start, data "
+                           f"and schedule), on {where}: " + _agreement(a, b))
     return out
+
+
+def _agreement(a: Group, b: Group) -> str:
+    """Two groups' final accuracies, and whether they agree within the seed spread."""
+    fa, fb = [r.final for r in a.runs], [r.final for r in b.runs]
+    (ma, sa), (mb, sb) = a.stat(fa), b.stat(fb)
+    overlap = max(min(fa), min(fb)) <= min(max(fa), max(fb))
+    std = lambda s: "n/a" if s is None else f"{s:.2f}"
+    verdict = ("with one seed on a side there is no seed spread to compare against."
+               if min(len(fa), len(fb)) < 2 else
+               "the seeds' min–max ranges overlap: they agree within the seed spread."
+               if overlap else "the seeds' min–max ranges do not overlap: they do not "
+               "agree within the seed spread.")
+    return (f"{ma:.2f}% vs {mb:.2f}% final, difference {ma - mb:+.2f} pp, seed std {std(sa)} / "
+            f"{std(sb)} pp (n={len(fa)} / {len(fb)}); " + verdict)
 
 
 def bench_machine(data: dict) -> str:

@@ -205,7 +205,7 @@ def speed_section(benches: list, out: Path) -> str:
              "from one bench run (its source below the table), and ratios are taken only within that run."]
     machines: dict[str, list] = {}
     for bench in sorted(benches, key=lambda b: str(b[0])):
-        machines.setdefault(paper.bench_machine(bench[1]), []).append(bench)
+        machines.setdefault(bench[2].get("hardware") or paper.bench_machine(bench[1]), []).append(bench)
     for machine, files in machines.items():
         rows = sorted(((i, row) for i, (_, data, _) in enumerate(files, 1) for row in paper.speed_rows(data)),
                       key=lambda x: (x[1][1] != "float32", x[1][0], x[0]))

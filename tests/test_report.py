@@ -262,3 +262,44 @@ def test_what_the_report_leaves_out_or_refuses(tmp_path, capsys):
     assert paper.protocol_of(summary | {"config": cfg | {"momentum": 0.0}}) == "momentum 0.0"
     assert paper.protocol_of(summary | {"config": cfg, "train_examples": 5_000}) \
         == "5,000 train images instead of 100,000"
+
+
+def test_the_twin_against_jax_and_a_folder_that_names_its_hardware(tmp_path):
+    """PyTorch runs are labelled by how they ran (eager, torch-best, a compile mode) and compared
+    with JAX's runs of the same experiment; a folder whose `provenance.json` names its hardware
+    (another CPU under the same name) gets its own rows, speed table included, so seconds per
+    epoch of two machines never share a row."""
+    for seed, final in ((0, 0.90), (1, 0.92)):
+        write_run(tmp_path / "runs" / "old" / f"jax{seed}", "fmnist_baseline", "baseline", seed,
+                  [final] * 25, new_keys=True, device=EPYC, epoch_time=60.0)
+    new = tmp_path / "runs" / "2026-01-03-cpu"
+    for seed, final in ((0, 0.91), (1, 0.93)):
+        write_run(new / f"torch{seed}", "fmnist_baseline", "baseline", seed, [final] * 25,
+                  new_keys=True, device=EPYC, epoch_time=30.0,
+                  extra={"framework": "torch", "torch_compile": "none"})
+    write_run(new / "best0", "fmnist_baseline", "baseline", 0, [0.95] * 25, new_keys=True,
+              device=EPYC, epoch_time=40.0, extra={"framework": "torch", "torch_compile": "best"})
+    write_run(new / "compiled0", "fmnist_baseline", "baseline", 0, [0.95] * 25, new_keys=True,
+              device=EPYC, extra={"framework": "torch", "torch_compile": "reduce-overhead"})
+    (new / "provenance.json").write_text(json.dumps({"hardware": "AMD EPYC (family 26), 2 cores"}))
+    bench = {"command": "python -m jaxbench.bench --exp fmnist_baseline --out OUT",
+             "machine": {"cpu": "AMD EPYC", "cores": 2, "jax_device": "cpu cpu"},
+             "versions": {}, "unit": "per 1,000 images", "experiments": {"fmnist_baseline": {
+                 "variants": {"jax": {"per_1000_images_s": 0.3},
+                              "torch-eager": {"per_1000_images_s": 0.5}}}}}
+    (new / "bench.json").write_text(json.dumps(bench))
+    assert report.main(["paper", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "README.md").read_text()
+    assert row(text, "`fmnist_baseline`", "| JAX |", "AMD EPYC, 2 cores")[7] == "60.00"
+    eager = row(text, "`fmnist_baseline`", "PyTorch eager", "AMD EPYC (family 26), 2 cores")
+    assert eager[3] == "2 (0, 1)" and eager[7] == "30.00"
+    assert row(text, "`fmnist_baseline`", "PyTorch torch-best")[4] == "95.00%"
+    assert row(text, "`fmnist_baseline`", "PyTorch compile (reduce-overhead)")[3] == "1 (0)"
+    assert "compile (none)" not in text
+    assert ("fmnist_baseline, JAX vs PyTorch eager (the twin: same model, start, data and "
+            "schedule), on AMD EPYC, 2 cores vs AMD EPYC (family 26), 2 cores: 91.00% vs 92.00% "
+            "final, difference -1.00 pp") in text
+    assert "the seeds' min–max ranges overlap: they agree within the seed spread" in text
+    assert ("JAX vs PyTorch torch-best (the twin: same model, start, data and schedule), on AMD "
+            "EPYC, 2 cores vs AMD EPYC (family 26), 2 cores: 91.00% vs 95.00% final") in text
+    assert "### AMD EPYC (family 26), 2 cores" in text  # the bench file's own speed table
