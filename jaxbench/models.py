@@ -266,7 +266,8 @@ def build(name: str, num_classes: int, dtype: str = "float32", stem_conv: str = 
     """Model by the experiment's `model` key, computing in `dtype`.
 
     `stem_conv` (a key of STEM_CONVS, the run's resolved `perf.stem_conv`) is the first
-    convolution of BaselineCNN and TargetCNN; DenseNet-BC uses XLA's convolutions throughout (`perf.resolve` records `xla` for it).
+    convolution of BaselineCNN and TargetCNN; DenseNet-BC uses XLA's convolutions throughout
+    (`perf.resolve` records `xla` for it).
     """
     dtype = jnp.dtype(dtype)
     if name == "baseline":
