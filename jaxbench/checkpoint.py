@@ -116,17 +116,29 @@ _QUIET = _QuietOrbaxErrors()
 
 class _DelayedSaveHandler(ocp.StandardCheckpointHandler):
     """Test-only (`JAXBENCH_TEST_SAVE_DELAY_S`): the save's commit waits before it completes, so
-    the checkpoint stays in flight (written to orbax's temporary folder, not committed)."""
+    the checkpoint stays in flight (written to orbax's temporary folder, not committed).
+
+    The "in flight" line is printed from orbax's background thread once the arrays are written,
+    not when `manager.save` returns: orbax creates the temporary folder asynchronously, so a kill
+    right after `save` returned could land before any folder exists (seen on a loaded 2-core CI).
+    """
 
     def __init__(self, delay_s: float):
         super().__init__()
         self.delay_s = delay_s
+        self.step: int | None = None  # set by `Checkpoints.save`; one save is in flight at a time
 
     async def async_save(self, directory, *args, **kwargs):
+        step = self.step
         futures = await super().async_save(directory, *args, **kwargs)
         from orbax.checkpoint._src.futures import future
 
-        return [future.ChainedFuture(list(futures or []), lambda: time.sleep(self.delay_s))]
+        def hold() -> None:
+            print(f"test: save of step {step} in flight for {self.delay_s:g}s "
+                  f"({SAVE_DELAY_ENV})", file=sys.stderr, flush=True)
+            time.sleep(self.delay_s)
+
+        return [future.ChainedFuture(list(futures or []), hold)]
 
 
 class Checkpoints:
@@ -151,7 +163,7 @@ class Checkpoints:
             return ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("train", "progress"))
         registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
-        delayed = _DelayedSaveHandler(self.save_delay_s)
+        delayed = self._delayed = _DelayedSaveHandler(self.save_delay_s)
         registry.add("train", ocp.args.StandardSave, delayed)
         registry.add("train", ocp.args.StandardRestore, delayed)
         registry.add("progress", ocp.args.JsonSave, ocp.JsonCheckpointHandler())
@@ -185,12 +197,11 @@ class Checkpoints:
             return
         integrity = {**tree_digest(train), "record_sha256": record_digest(progress)}
         progress = {**progress, "integrity": integrity}
+        if self.save_delay_s:
+            self._delayed.step = step
         self._io("writing a checkpoint to", self.manager.save, step, args=ocp.args.Composite(
             train=ocp.args.StandardSave(train), progress=ocp.args.JsonSave(progress)),
             metrics=None if eval_acc is None else {"eval_acc": eval_acc}, force=True)
-        if self.save_delay_s:
-            print(f"test: save of step {step} in flight for {self.save_delay_s:g}s "
-                  f"({SAVE_DELAY_ENV})", file=sys.stderr, flush=True)
 
     def restore(self, like: Any, step: int | None = None) -> tuple[Any, dict]:
         """Restore into the structure (and shardings) of `like`; returns (train pytree, progress).
