@@ -303,3 +303,24 @@ def test_the_twin_against_jax_and_a_folder_that_names_its_hardware(tmp_path):
     assert ("JAX vs PyTorch torch-best (the twin: same model, start, data and schedule), on AMD "
             "EPYC, 2 cores vs AMD EPYC (family 26), 2 cores: 91.00% vs 95.00% final") in text
     assert "### AMD EPYC (family 26), 2 cores" in text  # the bench file's own speed table
+
+
+def test_the_twin_is_compared_with_jax_on_its_own_hardware_when_jax_ran_there(tmp_path):
+    """Once JAX has runs on the twin's hardware, the finding compares those two (framework the
+    only difference), not the twin with JAX on other machines."""
+    old, new = tmp_path / "runs" / "old", tmp_path / "runs" / "new"
+    for seed in (0, 1):
+        write_run(old / f"jax{seed}", "fmnist_baseline", "baseline", seed, [0.90] * 25,
+                  new_keys=True, device=EPYC)
+        write_run(new / f"jax{seed}", "fmnist_baseline", "baseline", seed, [0.91 + seed / 100] * 25,
+                  new_keys=True, device=EPYC)
+        write_run(new / f"torch{seed}", "fmnist_baseline", "baseline", seed, [0.92] * 25,
+                  new_keys=True, device=EPYC, extra={"framework": "torch", "torch_compile": "none"})
+    (new / "provenance.json").write_text(json.dumps({"hardware": "AMD EPYC (family 26), 2 cores"}))
+    assert report.main(["paper", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "README.md").read_text()
+    assert ("fmnist_baseline, JAX vs PyTorch eager (the twin: same model, start, data and "
+            "schedule), on AMD EPYC (family 26), 2 cores: 91.50% vs 92.00% final") in text
+    assert "JAX vs PyTorch eager (the twin: same model, start, data and schedule), on AMD EPYC, " \
+           "2 cores vs" not in text
+    assert text.count("JAX vs PyTorch") == 1
