@@ -5,14 +5,14 @@
 #
 #   OUT=DIR DATA=DIR bash benchmarks/gpu_measure.sh PART [PART ...]
 #
-# PARTs (each a separate call on one machine, so that the Tiny ImageNet archives can arrive in
-# pieces beside them):
+# PARTs (each may run as its own invocation on one machine, so that the Tiny ImageNet archives can
+# be copied over in parts between them):
 #   speed     JAX vs PyTorch on $MODELS (default: target baseline) of both datasets, random pixels
 #             in each dataset's shapes (speed only, no accuracy): jax, jax-step-only (the input
 #             side's share), jax-bf16, jax-stem-patches (the first convolution as one matrix
 #             product over image patches), torch-reduce-overhead and torch-best, one benchmark
 #             process per dataset. PyTorch eager (4-8x slower than JAX on Tiny ImageNet, H200,
-#             2026-11-28) is left out to keep the GPU run within 15 minutes.
+#             2026-11-28) is left out to keep the GPU run short.
 #   trace     profiler traces of three tiny_target train calls in float32 and bfloat16, and in
 #             float32 with the patches stem (`--stem-conv patches`); the summaries' largest
 #             gaps show what idles the GPU between calls (two call boundaries).
@@ -30,7 +30,7 @@
 #             and with this tree, one process each, alternated $ROUNDS times (default 2). For
 #             the lagged NaN check (commit 0d6bc0b): BEFORE = the tree of dfee676,
 #             EXPS="tiny_target tiny_baseline", VARIANTS=jax,jax-step-only.
-# BUDGET_S caps the whole call (later stages get what is left, or are skipped).
+# BUDGET_S caps the whole invocation (later stages get what is left, or are skipped).
 # DATA holds fashion-mnist/ (the four official files) and, for `tiny`, tin/ (the two archives).
 # Runs from a source checkout with no TensorFlow (the readers in jaxbench/datasets/files.py).
 set -u
@@ -39,7 +39,7 @@ for part in "$@"; do  # every part known before any of them runs
   case " $PARTS " in *" $part "*) ;; *) echo "error: unknown part '$part'; parts: $PARTS" >&2; exit 2 ;; esac
 done
 OUT=${OUT:?set OUT}; DATA=${DATA:?set DATA}
-W=$(realpath -m "${WORK:-/tmp/jb}")
+W=$(realpath -m "${WORK:-${TMPDIR:-/tmp}/jaxbench-gpu}")
 RES=$W/results  # everything measured; $OUT gets a tarball of it and the log after every stage
 mkdir -p "$OUT" "$W" "$RES"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 JAXBENCH_COMPILE_CACHE=$W/xla-cache \
@@ -52,7 +52,7 @@ stage() {  # stage NAME LIMIT_S COMMAND...; with BUDGET_S set, no stage runs pas
   local name=$1 limit=$2; shift 2
   if [ -n "${BUDGET_S:-}" ]; then
     local left=$((T0 + BUDGET_S - $(date +%s)))
-    if [ "$left" -lt 15 ]; then log "$name: skipped (the call's ${BUDGET_S}s budget is spent)"; return; fi
+    if [ "$left" -lt 15 ]; then log "$name: skipped (BUDGET_S=${BUDGET_S}s is spent)"; return; fi
     [ "$left" -lt "$limit" ] && limit=$left
   fi
   log "$name (limit ${limit}s): $*"
