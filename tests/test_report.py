@@ -324,3 +324,20 @@ def test_the_twin_is_compared_with_jax_on_its_own_hardware_when_jax_ran_there(tm
     assert "JAX vs PyTorch eager (the twin: same model, start, data and schedule), on AMD EPYC, " \
            "2 cores vs" not in text
     assert text.count("JAX vs PyTorch") == 1
+
+
+def test_findings_also_compare_the_last_epochs_mean_which_one_final_epoch_does_not_decide(tmp_path):
+    """Late in training eval accuracy swings between epochs: two groups whose final epochs do not
+    overlap can agree over their last 5 epochs, and the finding says both."""
+    late = {"a": [0.91, 0.90, 0.91, 0.90], "b": [0.91, 0.91, 0.90, 0.91]}
+    for name, last in (("a", 0.915), ("b", 0.905)):
+        for seed in (0, 1):
+            accs = [0.90] * 20 + late[name] + [last + seed / 1000]
+            write_run(tmp_path / "runs" / name / f"s{seed}", "fmnist_baseline", "baseline", seed,
+                      accs, new_keys=True, device=EPYC if name == "a" else H200)
+    assert report.main(["paper", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "README.md").read_text()
+    line = next(x for x in text.splitlines() if "same code path, other hardware" in x)
+    assert "91.55% vs 90.55% final" in line and "do not agree within the seed spread." in line
+    assert ("Mean of the last 5 epochs: 90.71% vs 90.71%; the seeds' min–max ranges overlap: "
+            "they agree within the seed spread.") in line
