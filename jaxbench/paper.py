@@ -33,8 +33,8 @@ PROTOCOL_KEYS = ("epochs", "batch_size", "optimizer", "learning_rate", "momentum
                  "dtype")
 CURVES = ("train_loss", "eval_loss", "train_acc", "eval_acc")
 # Epochs averaged for `Run.late_mean`: late in the 25-epoch protocol the models overfit and eval
-# accuracy moves up to 1.6 pp from one epoch to the next (results/measured/), so the final epoch
-# alone is a noisy sample.
+# accuracy moves from one epoch to the next (`late_swings`: up to 1.5 pp in results/measured/), so
+# the final epoch alone is a noisy sample.
 LATE_EPOCHS = 5
 REQUIRED = ("experiment", "config", "device", "params", "mean_epoch_time_s")
 
@@ -336,6 +336,22 @@ def findings(groups: list[Group]) -> list[str]:
     return out
 
 
+def late_swings(groups: list[Group]) -> dict[str, float]:
+    """"Dataset ModelName" -> the largest change of eval accuracy (pp) between consecutive epochs
+    among the last `LATE_EPOCHS` of any full-protocol run: how noisy one final epoch is."""
+    names = {dataset: title.split(": ")[1] for title, dataset, _ in TABLES}
+    out: dict[str, float] = {}
+    for g in groups:
+        dataset = names.get(g.runs[0].cfg.get("dataset"))
+        if g.protocol or dataset is None:
+            continue
+        for r in g.runs:
+            acc = r.curves["eval_acc"][-LATE_EPOCHS:]
+            key = f"{dataset} {g.model}"
+            out[key] = max([out.get(key, 0.0)] + [100 * abs(x - y) for x, y in zip(acc, acc[1:])])
+    return out
+
+
 def _agreement(a: Group, b: Group) -> str:
     """Two groups' final accuracies, and whether they agree within the seed spread; then the same
     for their late-epoch means, which the final epoch's swings do not decide."""
@@ -345,7 +361,7 @@ def _agreement(a: Group, b: Group) -> str:
     la, lb = [r.late_mean for r in a.runs], [r.late_mean for r in b.runs]
     return (f"{ma:.2f}% vs {mb:.2f}% final, difference {ma - mb:+.2f} pp, seed std {std(sa)} / "
             f"{std(sb)} pp (n={len(fa)} / {len(fb)}); " + _verdict(fa, fb) + " Mean of the last "
-            f"{LATE_EPOCHS} epochs: {statistics.fmean(la):.2f}% vs {statistics.fmean(lb):.2f}%; "
+            f"{LATE_EPOCHS} epochs: {a.stat(la)[0]:.2f}% vs {b.stat(lb)[0]:.2f}%; "
             + _verdict(la, lb))
 
 

@@ -341,3 +341,12 @@ def test_findings_also_compare_the_last_epochs_mean_which_one_final_epoch_does_n
     assert "91.55% vs 90.55% final" in line and "do not agree within the seed spread." in line
     assert ("Mean of the last 5 epochs: 90.71% vs 90.71%; the seeds' min–max ranges overlap: "
             "they agree within the seed spread.") in line
+
+
+def test_the_findings_state_how_much_the_late_epochs_move_in_the_runs_given(tmp_path):
+    """The late-epoch swing quoted above the findings is measured on the inputs, not fixed text."""
+    write_run(tmp_path / "runs" / "s0", "fmnist_baseline", "baseline", 0,
+              [0.80] * 20 + [0.90, 0.92, 0.90, 0.91, 0.91], new_keys=True, device=EPYC)
+    assert report.main(["paper", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "README.md").read_text()
+    assert "these full-protocol runs: Fashion-MNIST BaselineCNN 2.0 pp)" in text
