@@ -22,11 +22,10 @@ from typing import Iterator
 import tensorflow_datasets as tfds
 
 # Everything that reads the official files lives in `source` (no TensorFlow), shared with the
-# TensorFlow-free reader (jaxbench/datasets/files.py). Re-exported here for existing callers.
-from jaxbench.datasets.tiny_imagenet.source import (  # noqa: F401
-    HERE, OFFICIAL_ZIP, ROOT, TAR_NAMES, URL, Reader, SourceError, _folder_files, _tar_files,
-    _zip_files, class_names, find_source, identity, index, key, locate, rgb_bytes, verify_zip,
-    wnids)
+# TensorFlow-free reader (jaxbench/datasets/files.py).
+from jaxbench.datasets.tiny_imagenet.source import (
+    HERE, OFFICIAL_ZIP, ROOT, TAR_NAMES, URL, Reader, _zip_files, find_source, index, key,
+    rgb_bytes, verify_zip, wnids)
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
