@@ -2,7 +2,6 @@
 the numbers of an uninterrupted suite. Synthetic arrays only: no real data needed."""
 
 import json
-import random
 import signal
 import subprocess
 import sys
@@ -198,15 +197,23 @@ def test_a_killed_suite_reruns_to_the_numbers_of_an_uninterrupted_one(fixture_su
     seen = [""]
     wait_for(proc, r"=== \[2/2\]", seen)  # seed 0 finished, seed 1 started
     assert "ESTIMATED total" in seen[0] and "one after another" in seen[0]
-    wait_for(proc, r"\[fmnist_baseline\] epoch 2/3", seen, start=seen[0].index("=== [2/2]"))
-    random.seed(7)
-    time.sleep(random.uniform(0.0, 0.5))
+    wait_for(proc, r"\[fmnist_baseline\] epoch 1/3", seen, start=seen[0].index("=== [2/2]"))
+    # Kill as soon as seed 1's first checkpoint is committed: two of its epochs are left then.
+    # A fixed delay after a later epoch's line was a race: the relayed line can reach this test
+    # late, and on a loaded 2-core machine seed 1 had finished before the kill.
+    ckpt = checkpoint_dir(out, "fmnist_baseline", (1,), "single")
+    deadline = time.time() + 60
+    while not has_checkpoint(ckpt):
+        assert time.time() < deadline and proc.poll() is None, "no checkpoint of seed 1 appeared"
+        time.sleep(0.002)
     assert proc.poll() is None, "the suite finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert lock_released(out), "a run of the killed suite outlived it"
-    ckpt = checkpoint_dir(out, "fmnist_baseline", (1,), "single")
     assert has_checkpoint(ckpt)
+    summary = out / "runs" / "fmnist_baseline" / "seed1" / "summary.json"
+    epochs_done = json.loads(summary.read_text())["epochs_completed"] if summary.exists() else 0
+    assert epochs_done < 3, "seed 1 finished before the kill"
 
     res = subprocess.run(cli(*suite_args(fixture_suite, out, "--no-estimate")), cwd=REPO,
                          capture_output=True, text=True)
