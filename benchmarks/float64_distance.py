@@ -17,8 +17,7 @@ import jax
 import numpy as np
 from jax.tree_util import keystr, tree_flatten_with_path
 
-from jaxbench import models, perf
-from jaxbench.train import init_variables
+from jaxbench import perf
 
 
 def main() -> None:
@@ -27,33 +26,24 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--classes", type=int, default=10)
     args = parser.parse_args()
-    stem = "taps" if args.model == "baseline" else "xla"
-    model = models.build(args.model, args.classes, "float32", stem_conv=stem)
-    variables = init_variables(model, jax.random.key(0), np.zeros((1, 64, 64, 3), np.float32))
-    lowered, params = perf.gradient_program(model, args.batch, 64, args.classes,
-                                            variables=variables)
+    lowered, params, exact = perf.float32_and_float64_steps(args.model, args.batch,
+                                                            args.classes)
     results = {}
     for name, options in perf.XLA_CPU_OPTIONS.items():
         fn, used = perf.compile_lowered(lowered, options)
         if used == options:
             results[name] = jax.tree.map(np.asarray, fn(params))
-    with jax.enable_x64(True):
-        exact_model = models.build(args.model, args.classes, "float64", stem_conv="xla")
-        exact_lowered, exact_params = perf.gradient_program(
-            exact_model, args.batch, 64, args.classes, np.float64, variables)
-        exact = jax.tree.map(np.asarray, exact_lowered.compile()(exact_params))
 
     print(f"{args.model}, batch {args.batch}: relative norm error per gradient tensor")
     print("| option set | vs float64: max | median | vs XLA's default: max |")
     print("|---|---:|---:|---:|")
-    for name, result in results.items():
-        to_exact = perf.relative_errors(result, exact)[1:]
-        to_default = perf.relative_errors(result, results["default"])[1:]
+    errs = {name: perf.relative_errors(r, exact)[1:] for name, r in results.items()}
+    for name, to_exact in errs.items():
+        to_default = perf.relative_errors(results[name], results["default"])[1:]
         print(f"| {name} | {max(to_exact):.2e} | {np.median(to_exact):.2e} | "
               f"{max(to_default):.2e} |")
     paths = [keystr(p) for p, _ in tree_flatten_with_path(exact[1])[0]]
     print("\nlargest errors against float64, per tensor:")
-    errs = {name: perf.relative_errors(r, exact)[1:] for name, r in results.items()}
     order = sorted(range(len(paths)), key=lambda i: -max(e[i] for e in errs.values()))
     for i in order[:6]:
         print(f"  {paths[i]:32s} " + "  ".join(f"{n} {e[i]:.2e}" for n, e in errs.items()))

@@ -345,9 +345,9 @@ def late_swings(groups: list[Group]) -> dict[str, float]:
         dataset = names.get(g.runs[0].cfg.get("dataset"))
         if g.protocol or dataset is None:
             continue
+        key = f"{dataset} {g.model}"
         for r in g.runs:
             acc = r.curves["eval_acc"][-LATE_EPOCHS:]
-            key = f"{dataset} {g.model}"
             out[key] = max([out.get(key, 0.0)] + [100 * abs(x - y) for x, y in zip(acc, acc[1:])])
     return out
 

@@ -185,6 +185,35 @@ def gradient_program(model: Any, batch_size: int, image_size: int, num_classes: 
     return jax.jit(jax.value_and_grad(loss)).lower(variables["params"]), variables["params"]
 
 
+def float32_and_float64_steps(name: str, batch_size: int, num_classes: int = 10,
+                              image_size: int = 64) -> tuple[Any, Any, Any]:
+    """The float32 loss-and-gradient of model `name` (lowered, with its parameters) and the values
+    of the same step in float64, from one init, as the yardstick of what float32 can reach.
+
+    BaselineCNN gets its CPU stem (taps), TargetCNN XLA's convolution; the float64 build always
+    uses XLA's. Compile the lowered program under each option set and hand both results to
+    `relative_errors`.
+    """
+    import jax
+
+    from jaxbench import models
+    from jaxbench.train import init_variables
+
+    model = models.build(name, num_classes, stem_conv="taps" if name == "baseline" else "xla")
+    # One init for both programs: the float64 reference gets these values cast, instead of
+    # compiling the initializers again under x64.
+    variables = init_variables(model, jax.random.key(0),
+                               np.zeros((1, image_size, image_size, 3), np.float32))
+    lowered, params = gradient_program(model, batch_size, image_size, num_classes,
+                                       variables=variables)
+    exact_model = models.build(name, num_classes, "float64", stem_conv="xla")
+    with jax.enable_x64(True):
+        exact_lowered, exact_params = gradient_program(exact_model, batch_size, image_size,
+                                                       num_classes, np.float64, variables)
+        exact = jax.tree.map(np.asarray, exact_lowered.compile()(exact_params))
+    return lowered, params, exact
+
+
 def relative_errors(result: Any, reference: Any) -> list[float]:
     """Loss error, then each gradient tensor's relative norm difference from `reference`."""
     import jax

@@ -49,16 +49,7 @@ def test_optimized_baseline_step_matches_the_reference_formulation():
 
 def _float64_errors(name, batch, compile_options):
     """Loss and per-tensor gradient errors against float64, for each of `compile_options`."""
-    model = models.build(name, 10, stem_conv="taps" if name == "baseline" else "xla")
-    # One init for both programs: the float64 reference gets these values cast, instead of
-    # compiling the initializers again under x64.
-    variables = train.init_variables(model, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
-    lowered, params = perf.gradient_program(model, batch, 64, 10, variables=variables)
-    exact_model = models.build(name, 10, "float64", stem_conv="xla")
-    with jax.enable_x64(True):
-        exact_lowered, exact_params = perf.gradient_program(exact_model, batch, 64, 10, np.float64,
-                                                            variables)
-        exact = jax.tree.map(np.asarray, exact_lowered.compile()(exact_params))
+    lowered, params, exact = perf.float32_and_float64_steps(name, batch)
     assert jax.tree.leaves(exact)[0].dtype == np.float64
     errors = {}
     for label, options in compile_options.items():
